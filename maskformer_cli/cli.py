@@ -1,0 +1,250 @@
+"""The `maskformer` command: thin Typer commands, each parse -> one call -> render.
+
+Heavy imports (torch, the model) happen inside the commands, so `maskformer --help` stays instant.
+Known errors (`UserError`, including `ConfigError`) print one red line and exit 1; `--verbose`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from maskformer_cli import __version__
+from maskformer_cli.errors import NotBuiltError, UserError
+
+app = typer.Typer(
+    name="maskformer",
+    help="MaskFormer for semantic and panoptic segmentation: prepare-data, train, evaluate, predict, ablate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"verbose": False}
+
+# Shared options, defined once.
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides as key=value, e.g. solver.lr=2e-4 model.num_queries=50.", show_default=False),
+]
+Device = Annotated[str, typer.Option(help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"maskformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["verbose"] = verbose or bool(os.environ.get("MASKFORMER_VERBOSE"))
+
+
+def _command(module: str, func: str, what: str, issue: str):
+    """Import a command's implementation; a module that does not exist yet is a clear 'not built'."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"maskformer_cli.{module}")
+    except ModuleNotFoundError as e:
+        if e.name == f"maskformer_cli.{module}":
+            raise NotBuiltError(
+                f"'{what}' is not built yet in maskformer {__version__} (tracked in {issue})."
+            ) from None
+        raise
+    return getattr(mod, func)
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+@app.command()
+def info(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: the built-in defaults).")] = None,
+    overrides: Overrides = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes K (default: the recipe's dataset).")] = None,
+    size: Annotated[str, typer.Option(help="Input HxW for the FLOP count.")] = "512x512",
+    flops: Annotated[bool, typer.Option(help="Count FLOPs (multiply-adds, one forward).")] = True,
+) -> None:
+    """Build the model of a recipe and print its summary: parameters per module and FLOPs."""
+    run_info = _command("summary", "run_info", "info", "issue #2")
+    run_info(recipe, overrides or [], num_classes=num_classes, size=size, count_flops=flops)
+
+
+# ---------------------------------------------------------------------------------------- prepare-data
+
+
+@app.command("prepare-data")
+def prepare_data(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="ade20k | ade20k-full | coco-stuff-10k | cityscapes | mapillary | coco-panoptic | "
+            "ade20k-panoptic | synthetic | custom"
+        ),
+    ],
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Dataset root (default $MASKFORMER_DATASETS, else $DETECTRON2_DATASETS, else ./datasets)."),
+    ] = None,
+    from_archive: Annotated[
+        list[Path] | None, typer.Option("--from-archive", help="Use an archive you downloaded (repeatable).")
+    ] = None,
+    download: Annotated[bool, typer.Option(help="Download archives that have a public URL.")] = True,
+    check: Annotated[Path | None, typer.Option(help="With 'custom': validate this dataset spec YAML.")] = None,
+    accept_checksum: Annotated[
+        bool, typer.Option(help="Accept a local archive whose checksum differs from the official one.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Prepare again even if a complete stamp exists.")] = False,
+    num_classes: Annotated[int, typer.Option(help="synthetic: number of categories.")] = 12,
+    num_images: Annotated[int, typer.Option(help="synthetic: images in train + val.")] = 240,
+    image_size: Annotated[int, typer.Option(help="synthetic: image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="synthetic: random seed.")] = 0,
+) -> None:
+    """Download (resumable, checksummed) and convert a dataset into the layout the tools read."""
+    run_prepare = _command("data.prepare", "run_prepare", "prepare-data", "issue #3")
+    run_prepare(
+        name,
+        root=root,
+        archives=from_archive or [],
+        download=download,
+        check=check,
+        accept_checksum=accept_checksum,
+        force=force,
+        synthetic={"num_classes": num_classes, "num_images": num_images, "size": image_size, "seed": seed},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ade20k/maskformer_r50.yaml.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest valid checkpoint.")] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from these weights (our .pt, official .pkl, or a HF directory).")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="Relaunch under torchrun with this many GPUs (0: run in place).")] = 0,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default output_dir/name).")] = None,
+    exist_ok: Annotated[bool, typer.Option(help="Allow writing into an existing run directory.")] = False,
+    device: Device = "auto",
+) -> None:
+    """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
+    run_train = _command("train", "run_train", "train", "issue #4")
+    run_train(
+        recipe,
+        overrides or [],
+        resume=resume,
+        init_from=init_from,
+        gpus=gpus,
+        run_dir=run_dir,
+        exist_ok=exist_ok,
+        device=device,
+    )
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (.pt, official .pkl or HF dir).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name or custom spec YAML.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
+    metric: Annotated[str, typer.Option(help="miou | pq | pq-stuff | all")] = "all",
+    inference: Annotated[
+        str | None, typer.Option(help="semantic | general | iterative | panoptic (default: the recipe's).")
+    ] = None,
+    tta: Annotated[bool, typer.Option(help="Multi-scale + flip test-time augmentation.")] = False,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Evaluate saved predictions (label PNGs / panoptic JSON) without a model.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write metrics.json and per_class.csv.")] = None,
+    per_class: Annotated[bool, typer.Option(help="Print the per-class table.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N images.")] = None,
+    device: Device = "auto",
+) -> None:
+    """Compute mIoU, PQ and PQ-stuff of a checkpoint (or of saved predictions) on a dataset split."""
+    run_evaluate = _command("evaluate", "run_evaluate", "evaluate", "issue #5")
+    run_evaluate(
+        checkpoint,
+        dataset=dataset,
+        split=split,
+        metric=metric,
+        inference=inference,
+        tta=tta,
+        predictions=predictions,
+        out=out,
+        per_class=per_class,
+        batch_size=batch_size,
+        limit=limit,
+        device=device,
+    )
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
+    weights: Annotated[Path, typer.Option(help="Checkpoint: our .pt, official model_final_*.pkl, or a HF dir.")],
+    task: Annotated[str, typer.Option(help="semantic | panoptic | instance")] = "semantic",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("predictions"),
+    dataset: Annotated[
+        str | None, typer.Option(help="Class names/colors from this dataset (official .pkl/HF weights).")
+    ] = None,
+    device: Device = "auto",
+) -> None:
+    """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
+    run_predict = _command("predict", "run_predict", "predict", "issue #5")
+    run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- ablate
+
+
+@app.command()
+def ablate(
+    file: Annotated[Path, typer.Argument(help="Ablation YAML: a base recipe plus named variants.")],
+    seeds: Annotated[int, typer.Option(help="Seeds per variant (the paper reports the median of 3).")] = 1,
+    dry_run: Annotated[bool, typer.Option(help="Print the torchrun commands instead of running.")] = False,
+    gpus: Annotated[int, typer.Option(help="GPUs per variant (torchrun).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output directory for the runs and the table.")] = None,
+) -> None:
+    """Train and evaluate every variant of an ablation and print the paper-style table."""
+    run_ablate = _command("ablate", "run_ablate", "ablate", "issue #6")
+    run_ablate(file, seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
+
+
+# ------------------------------------------------------------------------------------------ entrypoint
+
+
+def main() -> None:
+    """Console entry point: run the app, turning known errors into one red line."""
+    try:
+        app()
+    except UserError as e:
+        if _state["verbose"]:
+            raise
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

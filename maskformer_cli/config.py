@@ -1,0 +1,402 @@
+"""The recipe schema: frozen dataclasses holding the paper's defaults, and a strict loader.
+
+A recipe YAML sets some fields, `key=value` overrides set more (`solver.lr=2e-4`, values parsed with
+`yaml.safe_load`, never `eval`). Loading is strict: an unknown key or a value of the wrong type raises
+one `ConfigError` naming the key (and the closest valid key), never a traceback deep in the code.
+Only `build_*` functions read these objects; modules take plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from maskformer_cli.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A recipe or override that does not fit the schema; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network (paper Sec. 3.3 and Fig. 2)."""
+
+    meta_architecture: Literal["maskformer", "per_pixel_baseline", "per_pixel_baseline_plus"] = "maskformer"
+    """MaskFormer, or one of the paper's per-pixel baselines (Table 1, Table 4)."""
+    backbone: str = "resnet50"
+    """resnet50 | resnet101 | resnet101c | swin_tiny | swin_small | swin_base | swin_large | timm:<name>."""
+    pretrained: str | None = None
+    """None (random init), 'imagenet' (download from the usual hub), or a local weights file."""
+    pixel_decoder: Literal["fpn", "transformer_encoder_fpn"] = "fpn"
+    """'fpn' (paper Sec. 3.3) or 'transformer_encoder_fpn' (the "+6 Enc" variant of Table 3)."""
+    conv_dim: int = 256
+    """Channels of every pixel-decoder feature map."""
+    mask_dim: int = 256
+    """C_E: channels of the per-pixel and mask embeddings."""
+    mask_feature_kernel: int = 3
+    """Kernel of the conv giving per-pixel embeddings: the text says 1x1, the released models use 3x3."""
+    encoder_layers: int = 6
+    """Transformer-encoder layers on res5 for pixel_decoder=transformer_encoder_fpn."""
+    hidden_dim: int = 256
+    """C_Q: width of the transformer decoder and of the per-segment embeddings."""
+    num_queries: int = 100
+    """N: number of queries (probability-mask pairs)."""
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dec_layers: int = 6
+    """Transformer decoder layers; the same loss follows every one of them (deep supervision)."""
+    dropout: float = 0.1
+    pre_norm: bool = False
+    """DETR uses post-norm."""
+    dec_self_attn: bool = True
+    """False removes self-attention from the decoder layers (decoder-layer ablation)."""
+    enforce_input_project: bool = False
+    """Project the transformer input with a 1x1 conv even when channels already match."""
+    box_head: bool = False
+    """Add DETR's 3-layer box MLP (for the box-matching ablation, Table 5)."""
+    deep_supervision: bool = True
+    swin_window_size: int | None = None
+    """Override the Swin window (default: 7 for tiny/small, 12 for base/large, as the paper)."""
+    drop_path_rate: float = 0.3
+    """Stochastic depth of Swin backbones (the reference configs use 0.3)."""
+    freeze_at: int = 0
+    """ResNet: freeze the stem (1) or stem and res2 (2); 0 trains everything as the reference does."""
+    backbone_norm: Literal["frozen_bn", "bn", "sync_bn", "gn"] = "frozen_bn"
+    """ResNet normalisation: the reference uses frozen BN (ImageNet statistics); 'bn' when training from scratch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Matching and losses (paper Sec. 3.2, Eq. 1 and Sec. 4 "Loss weights")."""
+
+    matcher: Literal["hungarian", "fixed", "box"] = "hungarian"
+    """Bipartite matching on masks, fixed matching (N = K, Table 4), or DETR box matching (Table 5)."""
+    class_weight: float = 1.0
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    no_object_weight: float = 0.1
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_l1_weight: float = 5.0
+    box_giou_weight: float = 2.0
+    num_points: int = 0
+    """0: the paper's dense mask loss. >0: point-sampled loss and matching (saves memory; not the paper)."""
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    per_pixel_loss: Literal["ce", "focal_dice"] = "ce"
+    """Loss of the per-pixel baselines: cross-entropy (paper) or the mask losses (Sec. 5.3 check)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Dataset and augmentation (paper Sec. 4, appendix A)."""
+
+    dataset: str = "synthetic"
+    """A catalog name (ade20k, coco_panoptic, ...) or a path to a custom dataset spec YAML."""
+    root: str | None = None
+    """Dataset root; default $MASKFORMER_DATASETS, else $DETECTRON2_DATASETS, else ./datasets."""
+    task: Literal["semantic", "panoptic"] = "semantic"
+    """Supervision: category region masks (semantic) or instance masks (panoptic)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: tuple[int, int] = (512, 512)
+    """(height, width) of training crops."""
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    """Random scale jitter, as a factor of the test short side."""
+    base_short_side: int | None = None
+    """Short side the scale jitter is relative to (default: crop height, as detectron2's semantic recipes)."""
+    max_long_side: int = 2048
+    cat_max_ratio: float = 1.0
+    """Crop constraint: one category may cover at most this share of the crop (1.0 disables it)."""
+    color_jitter: bool = True
+    flip: bool = True
+    augmentation: Literal["semantic", "detr"] = "semantic"
+    """'semantic': scale jitter + crop + flip + color; 'detr': DETR's multi-scale + crop branch (COCO)."""
+    test_short_side: int | None = None
+    """Resize the shorter side for inference (default: crop height); 0 keeps the original size."""
+    test_max_long_side: int = 2048
+    size_divisibility: int = 32
+    """Pad inputs to a multiple of this (Swin needs 32)."""
+    ignore_label: int | None = None
+    """Override the dataset's ignore value."""
+    num_workers: int = 2
+    synthetic_num_classes: int = 12
+    """Embedded dataset: number of categories."""
+    synthetic_num_images: int = 240
+    synthetic_size: int = 128
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverConfig:
+    """Optimisation (paper Sec. 4: AdamW, poly schedule, backbone multiplier)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_multiplier: float = 0.1
+    """0.1 for CNN backbones, 1.0 for Swin."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_iters: int = 160_000
+    batch_size: int = 16
+    """Global batch (over all ranks and accumulation steps)."""
+    grad_accum: int = 1
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0
+    clip_grad: float = 0.01
+    """Full-model gradient-norm clip (the reference's 'full_model' clipping at 0.01); 0 disables."""
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    deterministic: bool = False
+    checkpoint_every: int = 5000
+    eval_every: int = 5000
+    keep_last: int = 2
+    log_every: int = 20
+    max_bad_steps: int = 5
+    """Non-finite loss policy: skip up to this many steps in a row, then stop (last good checkpoint kept)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceConfig:
+    """How outputs become predictions (paper Sec. 3.4; draft Table 5)."""
+
+    mode: Literal["semantic", "general", "iterative", "panoptic"] = "semantic"
+    object_mask_threshold: float = 0.8
+    """Panoptic: drop predictions whose class confidence is below this (0.8 COCO, 0.7 ADE20K)."""
+    overlap_threshold: float = 0.8
+    """Panoptic: drop segments whose visible area is below this share of their mask (m_i > 0.5)."""
+    general_threshold: float = 0.3
+    """General inference for semantic output: confidence filter (appendix, Table VII)."""
+    iterative_ratio: float = 0.3
+    """Iterative inference: drop masks contributing less than this share of their area."""
+    tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    tta_flip: bool = True
+    tta: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One experiment: everything `train`, `evaluate` and `predict` need."""
+
+    name: str = "maskformer"
+    """Run name (the run directory is output_dir/name)."""
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the dataclass's form (tuples for lists)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {len(value)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is clearly a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a schema bug, not a user error
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a nested dict, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), [prefix + n for n in names])}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value if value is not None else {}, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    obj = cls(**kwargs)
+    validate(obj, prefix)
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The plain-data form of a config (lists for tuples), ready for YAML or a checkpoint."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(obj)
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        ModelConfig: ["conv_dim", "mask_dim", "hidden_dim", "num_queries", "nheads", "dim_feedforward", "dec_layers"],
+        SolverConfig: ["max_iters", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"],
+    }
+    for name in positive.get(type(obj), []):
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
+    if isinstance(obj, ModelConfig):
+        if obj.hidden_dim % obj.nheads:
+            raise ConfigError(f"{prefix}hidden_dim: {obj.hidden_dim} is not divisible by nheads={obj.nheads}")
+        if not 0.0 <= obj.dropout < 1.0:
+            raise ConfigError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+    if isinstance(obj, DataConfig):
+        if obj.min_scale <= 0 or obj.max_scale < obj.min_scale:
+            raise ConfigError(f"{prefix}min_scale/max_scale: need 0 < min_scale <= max_scale")
+        if any(s <= 0 for s in obj.crop_size):
+            raise ConfigError(f"{prefix}crop_size: must be positive, got {obj.crop_size}")
+    if isinstance(obj, SolverConfig) and obj.lr <= 0:
+        raise ConfigError(f"{prefix}lr: must be > 0, got {obj.lr}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'solver.lr=2e-4' -> (['solver', 'lr'], 0.0002). Values are YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. solver.lr=2e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of sections (model:, data:, solver:, ...)")
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Recipe from a YAML file (or the defaults when `path` is None) plus `key=value` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data.pop("variants", None)  # ablation files carry variants; `ablate` expands them
+    try:
+        for text in overrides:
+            keys, value = parse_override(text)
+            _set_nested(data, keys, value)
+        return from_dict(Recipe, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a recipe saved in a checkpoint or a run's config.yaml."""
+    return from_dict(Recipe, data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Datasets: catalog of dataset facts, preparation, loading, augmentation and the embedded synthetic set."""

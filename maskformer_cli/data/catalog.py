@@ -25,7 +25,13 @@ class DatasetInfo:
     ignore_label: label value excluded from training and metrics (255 for most, 65 Mapillary, 65535 ADE-Full).
     task:        'semantic' or 'panoptic' (what the prepared labels support; panoptic also gives semantic).
     dataset_ids: for panoptic datasets, the original category id of each contiguous id (COCO ids 1..200).
-    splits:      split name -> relative directory or file hints used by datasets.py.
+    dirname:     directory of the prepared dataset under the datasets root (e.g. "ADEChallengeData2016").
+    sem_seg:     split -> (image_dir, label_dir), relative to dirname; labels are contiguous ids 0..K-1 with
+                 `ignore_label`, matched to images by file stem (after `label_suffix` replacement).
+    label_suffix: (suffix to strip from the image stem, suffix to add for the label stem), e.g. Cityscapes
+                 ("_leftImg8bit", "_gtFine_labelTrainIds").
+    panoptic:    split -> (image_dir, panoptic_json, panoptic_png_dir), relative to dirname, COCO format.
+    root:        absolute location for custom datasets (spec YAML); None for catalog datasets.
     """
 
     name: str
@@ -35,7 +41,11 @@ class DatasetInfo:
     thing_ids: tuple[int, ...] = ()
     colors: tuple[tuple[int, int, int], ...] = ()
     dataset_ids: tuple[int, ...] = ()
-    splits: dict[str, str] = field(default_factory=dict)
+    dirname: str = ""
+    sem_seg: dict[str, tuple[str, str]] = field(default_factory=dict)
+    label_suffix: tuple[str, str] = ("", "")
+    panoptic: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    root: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -82,8 +92,17 @@ def available() -> list[str]:
     return sorted(n.replace("_", "-") for n in _REGISTRY)
 
 
-def get_dataset_info(name: str, **kwargs: object) -> DatasetInfo:
-    """Facts of a catalog dataset; `kwargs` go to datasets that take parameters (synthetic)."""
+def get_dataset_info(name: str | os.PathLike[str], **kwargs: object) -> DatasetInfo:
+    """Facts of a catalog dataset; `kwargs` go to datasets that take parameters (synthetic).
+
+    A name ending in .yaml/.yml is a custom dataset spec (see data/custom.py): its DatasetInfo has
+    absolute paths and `root` set.
+    """
+    if str(name).lower().endswith((".yaml", ".yml")):
+        from maskformer_cli.data.custom import load_custom_dataset
+
+        return load_custom_dataset(Path(name))
+    name = str(name)
     key = canonical_name(name)
     if key not in _REGISTRY:
         import difflib
@@ -102,6 +121,14 @@ def datasets_root(root: str | os.PathLike[str] | None = None) -> Path:
         if os.environ.get(var):
             return Path(os.environ[var])
     return Path("datasets")
+
+
+def load_class_file(filename: str):
+    """Parsed JSON data file from maskformer_cli/data/class_names/ (class names, colors, id tables)."""
+    import json
+    from importlib import resources
+
+    return json.loads(resources.files("maskformer_cli.data").joinpath(f"class_names/{filename}").read_text())
 
 
 # ------------------------------------------------------------------------------------ the embedded set
@@ -126,5 +153,110 @@ def _synthetic(num_classes: int = 12, **_: object) -> DatasetInfo:
         thing_ids=tuple(range(num_stuff, num_classes)),
         colors=default_palette(num_classes),
         dataset_ids=tuple(range(1, num_classes + 1)),
-        splits={"train": "train", "val": "val"},
+        dirname=f"synthetic_k{num_classes}",
+        sem_seg={"train": ("images/training", "annotations_detectron2/training"),
+                 "val": ("images/validation", "annotations_detectron2/validation")},
+        panoptic={"train": ("images/training", "panoptic_train.json", "panoptic_train"),
+                  "val": ("images/validation", "panoptic_val.json", "panoptic_val")},
+    )
+
+
+# ------------------------------------------------------------------------------ the paper's datasets
+# Layouts are those of detectron2/MaskFormer, so existing prepared trees work unchanged; prepare-data
+# (data/prepare.py, data/converters/) makes them from the official archives.
+
+_ADE_SEM_SEG = {"train": ("images/training", "annotations_detectron2/training"),
+                "val": ("images/validation", "annotations_detectron2/validation")}
+
+
+def _ade20k_meta() -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...], tuple[int, ...]]:
+    meta = load_class_file("ade20k_150.json")
+    things = sorted({int(s) - 1 for _, s in meta["instance_to_semantic"]})
+    return tuple(meta["names"]), tuple(tuple(c) for c in meta["colors"]), tuple(things)
+
+
+@register("ade20k")
+def _ade20k(**_: object) -> DatasetInfo:
+    """ADE20K-150 (SceneParsing): 20,210 train / 2,000 val; labels 0..149, 255 ignore."""
+    names, colors, _things = _ade20k_meta()
+    return DatasetInfo(name="ade20k", classes=names, colors=colors, ignore_label=255, task="semantic",
+                       dirname="ADEChallengeData2016", sem_seg=dict(_ADE_SEM_SEG))
+
+
+@register("ade20k-panoptic")
+def _ade20k_panoptic(**_: object) -> DatasetInfo:
+    """ADE20K panoptic: the 150 classes, 100 of them things; category ids 0..149 in the panoptic JSON."""
+    names, colors, things = _ade20k_meta()
+    return DatasetInfo(
+        name="ade20k_panoptic", classes=names, colors=colors, ignore_label=255, task="panoptic",
+        thing_ids=things, dataset_ids=tuple(range(len(names))), dirname="ADEChallengeData2016",
+        sem_seg=dict(_ADE_SEM_SEG),
+        panoptic={"train": ("images/training", "ade20k_panoptic_train.json", "ade20k_panoptic_train"),
+                  "val": ("images/validation", "ade20k_panoptic_val.json", "ade20k_panoptic_val")},
+    )
+
+
+@register("ade20k-full")
+def _ade20k_full(**_: object) -> DatasetInfo:
+    """ADE20K-Full: 847 classes, uint16 TIFF labels with 65535 ignore (MaskFormer's layout)."""
+    names = tuple(n for _, n in load_class_file("ade20k_full_847.json"))
+    return DatasetInfo(
+        name="ade20k_full", classes=names, colors=default_palette(len(names)), ignore_label=65535,
+        task="semantic", dirname="ADE20K_2021_17_01",
+        sem_seg={"train": ("images_detectron2/training", "annotations_detectron2/training"),
+                 "val": ("images_detectron2/validation", "annotations_detectron2/validation")},
+    )
+
+
+@register("coco-stuff-10k")
+def _coco_stuff_10k(**_: object) -> DatasetInfo:
+    """COCO-Stuff-10K: 171 classes (80 things + 91 stuff), 9k train / 1k test; "val" is the test split."""
+    classes = load_class_file("coco_stuff_171.json")
+    pan = {int(c[0]): tuple(c[3]) for c in load_class_file("coco_panoptic_133.json")}
+    names = tuple(n for _, n in classes)
+    palette = default_palette(len(names))
+    colors = tuple(pan.get(int(i), palette[k]) for k, (i, _) in enumerate(classes))
+    test = ("images_detectron2/test", "annotations_detectron2/test")
+    return DatasetInfo(
+        name="coco_stuff_10k", classes=names, colors=colors, ignore_label=255, task="semantic",
+        dirname="coco/coco_stuff_10k",
+        sem_seg={"train": ("images_detectron2/train", "annotations_detectron2/train"), "test": test, "val": test},
+    )
+
+
+@register("cityscapes")
+def _cityscapes(**_: object) -> DatasetInfo:
+    """Cityscapes: 19 trainId classes, 255 ignore; images and labels in per-city subfolders."""
+    table = load_class_file("cityscapes.json")["labels"]
+    train = sorted((int(t), name, tuple(c)) for name, _i, t, c in table if 0 <= int(t) < 255)
+    return DatasetInfo(
+        name="cityscapes", classes=tuple(n for _, n, _ in train), colors=tuple(c for _, _, c in train),
+        ignore_label=255, task="semantic", dirname="cityscapes",
+        sem_seg={"train": ("leftImg8bit/train", "gtFine/train"), "val": ("leftImg8bit/val", "gtFine/val")},
+        label_suffix=("_leftImg8bit", "_gtFine_labelTrainIds"),
+    )
+
+
+@register("mapillary")
+def _mapillary(**_: object) -> DatasetInfo:
+    """Mapillary Vistas v1.2: 65 classes, 65 = unlabeled = ignore; palette-index PNG labels."""
+    cats = load_class_file("mapillary_vistas_v1.2.json")
+    return DatasetInfo(
+        name="mapillary", classes=tuple(c[0] for c in cats), colors=tuple(tuple(c[1]) for c in cats),
+        ignore_label=65, task="semantic", dirname="mapillary_vistas",
+        sem_seg={"train": ("training/images", "training/labels"), "val": ("validation/images", "validation/labels")},
+    )
+
+
+@register("coco-panoptic")
+def _coco_panoptic(**_: object) -> DatasetInfo:
+    """COCO panoptic 2017: 133 categories (80 things), dataset ids 1..200 -> contiguous 0..132."""
+    cats = sorted(load_class_file("coco_panoptic_133.json"))
+    return DatasetInfo(
+        name="coco_panoptic", classes=tuple(c[1] for c in cats), colors=tuple(tuple(c[3]) for c in cats),
+        ignore_label=255, task="panoptic", thing_ids=tuple(k for k, c in enumerate(cats) if c[2]),
+        dataset_ids=tuple(int(c[0]) for c in cats), dirname="coco",
+        sem_seg={"train": ("train2017", "panoptic_semseg_train2017"), "val": ("val2017", "panoptic_semseg_val2017")},
+        panoptic={"train": ("train2017", "annotations/panoptic_train2017.json", "panoptic_train2017"),
+                  "val": ("val2017", "annotations/panoptic_val2017.json", "panoptic_val2017")},
     )

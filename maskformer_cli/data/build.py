@@ -1,0 +1,122 @@
+"""From a recipe's data section to loaders: the only place that reads DataConfig for loading.
+
+Training augmentation is made a pure function of the position in the sample stream: before each sample
+the RNGs are seeded from (seed, rank, position). A resumed run therefore sees exactly the crops and flips
+the uninterrupted run would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maskformer_cli.config import DataConfig
+from maskformer_cli.data.catalog import DatasetInfo, datasets_root, get_dataset_info
+from maskformer_cli.data.collate import collate
+from maskformer_cli.data.datasets import build_dataset
+from maskformer_cli.data.sampler import InferenceSampler, TrainingSampler, worker_init_fn
+from maskformer_cli.data.transforms import build_transforms
+from maskformer_cli.errors import UserError
+
+
+def dataset_info(data: DataConfig) -> DatasetInfo:
+    """The catalog entry (or custom spec) of the recipe's dataset, with the recipe's ignore override."""
+    info = get_dataset_info(data.dataset, num_classes=data.synthetic_num_classes)
+    if data.ignore_label is not None and data.ignore_label != info.ignore_label:
+        from dataclasses import replace
+
+        info = replace(info, ignore_label=data.ignore_label)
+    return info
+
+
+def dataset_dir(info: DatasetInfo, data: DataConfig) -> Path:
+    return Path(info.root) if info.root else datasets_root(data.root) / info.dirname
+
+
+def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
+    """The prepared dataset's directory; the embedded synthetic set is generated on first use."""
+    path = dataset_dir(info, data)
+    if info.name == "synthetic" and not (path / ".maskformer_prepared.json").exists():
+        from maskformer_cli.data.synthetic import generate_synthetic
+
+        generate_synthetic(path, num_classes=data.synthetic_num_classes, num_images=data.synthetic_num_images,
+                           size=data.synthetic_size, seed=data.synthetic_seed)
+    if not path.exists():
+        name = info.name.replace("_", "-")
+        raise UserError(f"dataset '{name}' not found at {path}: run `maskformer prepare-data {name}` "
+                        f"(or set $MASKFORMER_DATASETS / data.root)")
+    return path
+
+
+class _SeededSamples(Dataset):
+    """Wraps a dataset whose __getitem__ receives (stream_position, index): seeds RNGs, then loads."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        position, index = key
+        s = (self.seed * 1_000_003 + self.rank * 7_919 + position) % (2**31)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        return self.dataset[index]
+
+
+class _PositionedSampler(Sampler):
+    """Yields (position, index) from a TrainingSampler that starts at `start` samples into its stream."""
+
+    def __init__(self, sampler: TrainingSampler, start: int):
+        self.sampler = sampler
+        self.start = start
+        sampler.set_position(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for k, idx in enumerate(self.sampler):
+            yield self.start + k, int(idx)
+
+
+def build_train_loader(data: DataConfig, info: DatasetInfo, *, batch_size: int, seed: int, rank: int,
+                       world_size: int, start_position: int = 0, task: str | None = None) -> DataLoader:
+    """Infinite training loader for this rank; `batch_size` is per rank and per micro-batch."""
+    root = ensure_prepared(info, data)
+    ds = build_dataset(info, root, data.train_split, task or data.task, build_transforms(data, train=True),
+                       skip_bad=True)
+    if len(ds) == 0:
+        raise UserError(f"no training images in {root} (split '{data.train_split}')")
+    sampler = TrainingSampler(len(ds), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(
+        _SeededSamples(ds, seed, rank), batch_size=batch_size, sampler=_PositionedSampler(sampler, start_position),
+        num_workers=data.num_workers, collate_fn=partial(collate, size_divisibility=data.size_divisibility,
+                                                         ignore_label=info.ignore_label),
+        worker_init_fn=worker_init_fn, persistent_workers=data.num_workers > 0, drop_last=True,
+    )
+
+
+def build_eval_loader(data: DataConfig, info: DatasetInfo, *, split: str | None = None, batch_size: int = 1,
+                      rank: int = 0, world_size: int = 1, limit: int | None = None, task: str | None = None,
+                      num_workers: int | None = None) -> DataLoader:
+    """This rank's exact shard of a split, with the test-time resize; no padded duplicates."""
+    root = ensure_prepared(info, data)
+    ds = build_dataset(info, root, split or data.val_split, task or data.task,
+                       build_transforms(data, train=False))
+    if limit is not None:
+        ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"no images in {root} for split '{split or data.val_split}'")
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=InferenceSampler(len(ds), rank=rank, world_size=world_size),
+        num_workers=data.num_workers if num_workers is None else num_workers,
+        collate_fn=partial(collate, size_divisibility=data.size_divisibility, ignore_label=info.ignore_label),
+    )

@@ -1,0 +1,440 @@
+"""The embedded default dataset: generated scenes written in the real ADE20K and COCO-panoptic formats.
+
+Each scene is a few "stuff" regions (wavy horizontal bands and an occasional wall patch, each a textured
+low-saturation area) with several "thing" instances painted over them (disk, square, triangle, ring, cross,
+bar), several of the same class per image, overlapping and occluding. A class is identified by the
+combination (shape, hue bucket, texture): consecutive thing classes share their hue, so color alone does not
+tell them apart and the network must look at shape and texture. Thin unlabelled borders ("other" in ADE20K
+terms, void in COCO panoptic) make a small share of pixels ignored, and a few images group the instances of
+a class into one crowd segment (panoptic only, as COCO's iscrowd=1).
+
+Output layout under `out_dir` (the `synthetic_k{K}` directory of the catalog entry):
+
+    images/{training,validation}/syn_XXXXXXXX.jpg             RGB, JPEG quality 95
+    annotations/{training,validation}/syn_XXXXXXXX.png        uint8, 0 = other, 1..K = classes (ADEChallenge)
+    annotations_detectron2/{training,validation}/*.png        uint8, label - 1 with 0 -> 255 (what datasets read)
+    panoptic_{train,val}.json + panoptic_{train,val}/*.png    COCO panoptic; id = R + 256 G + 256^2 B, 0 = void
+    .maskformer_prepared.json                                 stamp: datasets.synthetic = version, params, counts
+
+Generation is deterministic: the same arguments give the same bytes (each image has its own RNG stream, seeded
+by (seed, index)). Only numpy and PIL are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from maskformer_cli.data.catalog import SYNTHETIC_SHAPES, get_dataset_info
+from maskformer_cli.errors import UserError
+
+SYNTHETIC_VERSION = 1
+STAMP_NAME = ".maskformer_prepared.json"  # one entry per dataset, the layout data/staging.py reads and writes
+STAMP_FORMAT = 1
+NUM_HUES = 8
+NUM_TEXTURES = 4
+MAX_CLASSES = 255  # raw ADE-style labels are uint8 with 0 = other
+SPLITS = (("train", "training"), ("val", "validation"))
+
+
+@dataclass(frozen=True)
+class ClassLook:
+    """How one class is drawn. shape is None for stuff classes; texture indexes the stuff or thing patterns."""
+
+    shape: str | None
+    hue: float
+    saturation: float
+    value: float
+    texture: int
+
+
+def class_looks(num_classes: int) -> list[ClassLook]:
+    """The appearance of every class, index = contiguous class id (the first num_classes // 3 are stuff).
+
+    Thing t (class i = num_stuff + t): shape SYNTHETIC_SHAPES[i % 6] (the catalog's class names say it), hue
+    bucket (t // 2) % 8 so pairs of classes share a color, texture ((t % 48) // 3 + t // 48) % 4. Shape and
+    hue together identify t mod 48 and the texture identifies t // 48 mod 4, so the first 192 thing classes
+    are pairwise distinct; beyond that a darker value level separates them.
+    """
+    num_stuff = max(1, num_classes // 3)
+    looks = []
+    for s in range(num_stuff):
+        looks.append(ClassLook(
+            shape=None,
+            hue=(0.07 + s * 0.381966) % 1.0,
+            saturation=0.28 + 0.14 * ((s // 4) % 2),
+            value=0.78 - 0.18 * ((s // 8) % 2),
+            texture=s % 4,
+        ))
+    for t in range(num_classes - num_stuff):
+        i = num_stuff + t
+        level = t // (48 * NUM_TEXTURES)
+        looks.append(ClassLook(
+            shape=SYNTHETIC_SHAPES[i % len(SYNTHETIC_SHAPES)],
+            hue=((t // 2) % NUM_HUES) / NUM_HUES,
+            saturation=0.8,
+            value=0.95 - 0.3 * (level % 3),
+            texture=((t % 48) // 3 + t // 48) % NUM_TEXTURES,
+        ))
+    return looks
+
+
+# ------------------------------------------------------------------------------------------ drawing
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB, all in [0, 1]; returns [..., 3]."""
+    h = np.mod(h, 1.0) * 6.0
+    i = np.floor(h).astype(np.int64) % 6
+    f = h - np.floor(h)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    r = np.choose(i, [v, q, p, p, t, v])
+    g = np.choose(i, [t, v, v, q, p, p])
+    b = np.choose(i, [p, p, t, v, v, q])
+    return np.stack([r, g, b], axis=-1)
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * c + (yy - cy) * s
+    w = -(xx - cx) * s + (yy - cy) * c
+    if shape == "disk":
+        return u * u + w * w <= r * r
+    if shape == "ring":
+        d2 = u * u + w * w
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if shape == "square":
+        return (np.abs(u) <= 0.8 * r) & (np.abs(w) <= 0.8 * r)
+    if shape == "triangle":  # equilateral, circumradius r: inside the three edge half-planes
+        out = np.ones_like(u, dtype=bool)
+        for k in range(3):
+            a = k * 2 * np.pi / 3
+            out &= u * np.cos(a) + w * np.sin(a) <= 0.5 * r
+        return out
+    if shape == "cross":
+        return ((np.abs(u) <= r) & (np.abs(w) <= 0.3 * r)) | ((np.abs(w) <= r) & (np.abs(u) <= 0.3 * r))
+    if shape == "bar":
+        return (np.abs(u) <= r) & (np.abs(w) <= 0.28 * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _thing_pattern(texture: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
+                   cy: float, cx: float, r: float, size: int) -> np.ndarray:
+    """Value multiplier [H, W] of a thing texture: plain, striped, dotted, gradient."""
+    if texture == 0:
+        return np.ones_like(yy)
+    angle = rng.uniform(0, np.pi)
+    period = max(4.0, size / 22) * rng.uniform(0.8, 1.25)
+    proj = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    if texture == 1:
+        return np.where(np.sin(2 * np.pi * proj / period) > 0, 1.0, 0.6)
+    if texture == 2:
+        oy, ox = (yy - cy) % period - period / 2, (xx - cx) % period - period / 2
+        return np.where(oy * oy + ox * ox <= (0.3 * period) ** 2, 0.5, 1.0)
+    return 0.55 + 0.45 * np.clip((proj + r) / (2 * r), 0.0, 1.0)
+
+
+def _stuff_pattern(texture: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
+    """Value multiplier [H, W] of a stuff texture: sky-like gradient, grass-like noise, bricks, wood grain."""
+    if texture == 0:
+        return 0.75 + 0.3 * (1 - yy / size)
+    if texture == 1:
+        noise = rng.random(yy.shape)
+        noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, 1, 1) + np.roll(noise, (1, 1), (0, 1))) / 4
+        return 0.7 + 0.5 * noise
+    if texture == 2:
+        p = max(6.0, size / 12)
+        row = np.floor(yy / p)
+        joint = ((xx + (row % 2) * p) % (2 * p)) < 1.5
+        mortar = (yy % p) < 1.5
+        return np.where(mortar | joint, 0.6, 1.0)
+    p = max(5.0, size / 16)
+    return 0.85 + 0.15 * np.sin(2 * np.pi * (yy + 3 * np.sin(xx / p)) / p)
+
+
+def _wavy(rng: np.random.Generator, xs: np.ndarray, size: int, base: float) -> np.ndarray:
+    """A smooth random boundary y(x) around base * size."""
+    a1, a2 = rng.uniform(0.02, 0.06), rng.uniform(0.0, 0.025)
+    f1, f2 = rng.uniform(0.5, 1.5), rng.uniform(2.0, 4.0)
+    p1, p2 = rng.uniform(0, 2 * np.pi, size=2)
+    return size * (base + a1 * np.sin(2 * np.pi * f1 * xs / size + p1) + a2 * np.sin(2 * np.pi * f2 * xs / size + p2))
+
+
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has a different label (a 1-2 px border once both sides count)."""
+    e = np.zeros(labels.shape, dtype=bool)
+    dy = labels[1:, :] != labels[:-1, :]
+    dx = labels[:, 1:] != labels[:, :-1]
+    e[1:, :] |= dy
+    e[:-1, :] |= dy
+    e[:, 1:] |= dx
+    e[:, :-1] |= dx
+    return e
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:, :] |= mask[:-1, :]
+    out[:-1, :] |= mask[1:, :]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+@dataclass
+class Scene:
+    """One generated image and its ground truth.
+
+    image:    [H, W, 3] uint8 RGB.
+    semantic: [H, W] int64 contiguous class ids, -1 where unlabelled ("other"/void).
+    panoptic: [H, W] int64 segment ids, 0 = void.
+    segments: list of (segment id, contiguous class, iscrowd) in id order.
+    """
+
+    image: np.ndarray
+    semantic: np.ndarray
+    panoptic: np.ndarray
+    segments: list[tuple[int, int, int]]
+
+
+def make_scene(rng: np.random.Generator, looks: list[ClassLook], size: int) -> Scene:
+    """Draw one scene with its semantic and panoptic ground truth (see the module docstring)."""
+    num_classes = len(looks)
+    num_stuff = sum(1 for lk in looks if lk.shape is None)
+    num_things = num_classes - num_stuff
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    xs = np.arange(size, dtype=np.float64)
+
+    # stuff: 1-3 wavy bands (sky-like top, wall-like middle, ground-like bottom) and sometimes a patch
+    n = int(rng.integers(1, min(3, num_stuff) + 1))
+    chosen = rng.choice(num_stuff, size=n, replace=False)
+    stuff = np.full((size, size), int(chosen[0]), dtype=np.int64)
+    if n >= 2:
+        bounds = [_wavy(rng, xs, size, rng.uniform(0.3, 0.6))] if n == 2 else \
+            [_wavy(rng, xs, size, rng.uniform(0.2, 0.4)), _wavy(rng, xs, size, rng.uniform(0.6, 0.8))]
+        for k, b in enumerate(bounds):
+            stuff[yy >= b[None, :]] = int(chosen[k + 1])
+    if rng.random() < 0.35:
+        cy, cx = rng.uniform(0.3, 0.7, size=2) * size
+        ay, ax = rng.uniform(0.12, 0.28, size=2) * size
+        wob = 1 + 0.15 * np.sin(3 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 2 * np.pi))
+        patch = ((yy - cy) / ay) ** 4 + ((xx - cx) / ax) ** 4 <= wob
+        stuff[patch] = int(rng.integers(num_stuff))
+    other = _edges(stuff) if rng.random() < 0.7 else np.zeros((size, size), dtype=bool)
+    if rng.random() < 0.15:  # an unlabelled clutter object, as ADE20K's "other"
+        cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+        other |= _shape_mask("disk", yy, xx, cy, cx, size * rng.uniform(0.04, 0.08), 0.0)
+
+    # things: 1-3 classes, 1-3 instances each, often grouped so that same-class instances touch or overlap
+    inst = np.full((size, size), -1, dtype=np.int64)
+    inst_cls: list[int] = []
+    inst_draw: list[tuple[float, float, float, float]] = []
+    if num_things > 0:
+        n_cls = int(rng.integers(1, min(3, num_things) + 1))
+        for c in rng.choice(num_things, size=n_cls, replace=False):
+            gy, gx = rng.uniform(0.2, 0.8, size=2) * size
+            grouped = rng.random() < 0.5
+            for _ in range(int(rng.integers(1, 4))):
+                if grouped:
+                    cy, cx = gy + rng.normal(0, 0.12 * size), gx + rng.normal(0, 0.12 * size)
+                else:
+                    cy, cx = rng.uniform(0.1, 0.9, size=2) * size
+                inst_cls.append(num_stuff + int(c))
+                inst_draw.append((cy, cx, size * rng.uniform(0.06, 0.16), rng.uniform(0, 2 * np.pi)))
+        order = rng.permutation(len(inst_cls))  # painter's order: later instances occlude earlier ones
+        inst_cls = [inst_cls[k] for k in order]
+        inst_draw = [inst_draw[k] for k in order]
+        for k, (cy, cx, r, a) in enumerate(inst_draw):
+            inst[_shape_mask(looks[inst_cls[k]].shape or "disk", yy, xx, cy, cx, r, a)] = k
+    min_area = max(8, int(0.0015 * size * size))
+    areas = np.bincount(inst[inst >= 0], minlength=len(inst_cls))
+    for k in np.flatnonzero(areas < min_area):  # hidden almost entirely: give the pixels back to stuff
+        inst[inst == k] = -1
+    alive = [k for k in range(len(inst_cls)) if areas[k] >= min_area]
+    for k in alive:  # unlabelled outlines around some objects, as ADE20K annotators leave them
+        if rng.random() < 0.2:
+            other |= _dilate(inst == k) & (inst < 0)
+    other &= inst < 0
+
+    semantic = np.where(inst >= 0, np.take(np.array(inst_cls + [0]), inst), stuff)
+    semantic[other] = -1
+
+    # panoptic: one segment per stuff class, per instance, and sometimes one crowd group per image
+    crowd_of: dict[int, int] = {}
+    by_class: dict[int, list[int]] = {}
+    for k in alive:
+        by_class.setdefault(inst_cls[k], []).append(k)
+    if rng.random() < 0.15:
+        groups = [c for c, ks in sorted(by_class.items()) if len(ks) >= 2]
+        if groups:
+            c = groups[int(rng.integers(len(groups)))]
+            crowd_of = {k: c for k in by_class[c]}
+    panoptic = np.zeros((size, size), dtype=np.int64)
+    segments: list[tuple[int, int, int]] = []
+
+    def new_id(cls: int) -> int:  # R = category id, G = running index: readable like ADE instance maps
+        return (cls + 1) + 256 * (len(segments) + 1)
+
+    stuff_visible = (inst < 0) & ~other
+    for c in np.unique(stuff[stuff_visible]):
+        sid = new_id(int(c))
+        panoptic[stuff_visible & (stuff == c)] = sid
+        segments.append((sid, int(c), 0))
+    crowd_id: dict[int, int] = {}
+    for k in alive:
+        c = inst_cls[k]
+        if k in crowd_of:
+            if c not in crowd_id:
+                crowd_id[c] = new_id(c)
+                segments.append((crowd_id[c], c, 1))
+            panoptic[inst == k] = crowd_id[c]
+        else:
+            sid = new_id(c)
+            panoptic[inst == k] = sid
+            segments.append((sid, c, 0))
+
+    # render: stuff regions, then the unlabelled pixels, then each instance with its own color jitter
+    rgb = np.zeros((size, size, 3), dtype=np.float64)
+    for c in np.unique(stuff):
+        lk = looks[int(c)]
+        region = stuff == c
+        pat = _stuff_pattern(lk.texture, rng, yy, xx, size)
+        h = lk.hue + rng.uniform(-0.02, 0.02)
+        v = np.clip((lk.value + rng.uniform(-0.08, 0.08)) * pat, 0, 1)
+        rgb[region] = _hsv_to_rgb(np.full(int(region.sum()), h), np.full(int(region.sum()), lk.saturation),
+                                  v[region])
+    if other.any():
+        rgb[other] = rng.uniform(0.12, 0.3) + rng.normal(0, 0.03, size=(int(other.sum()), 1))
+    for k in alive:
+        lk = looks[inst_cls[k]]
+        region = inst == k
+        cy, cx, r, _ = inst_draw[k]
+        pat = _thing_pattern(lk.texture, rng, yy, xx, cy, cx, r, size)
+        h = lk.hue + rng.uniform(-0.025, 0.025)
+        s = np.clip(lk.saturation + rng.uniform(-0.1, 0.1), 0, 1)
+        v = np.clip((lk.value + rng.uniform(-0.1, 0.05)) * pat, 0, 1)
+        m = int(region.sum())
+        rgb[region] = _hsv_to_rgb(np.full(m, h), np.full(m, s), v[region])
+    rgb = rgb * 255.0 + rng.normal(0, 4.0, size=rgb.shape)
+    image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return Scene(image=image, semantic=semantic, panoptic=panoptic, segments=segments)
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def ade_to_detectron2(raw: np.ndarray) -> np.ndarray:
+    """ADEChallenge raw label (uint8, 0 = other, 1..K) -> detectron2 label (0..K-1, 255 = ignore)."""
+    return (raw.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255 in uint8
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Panoptic ids [H, W] -> [H, W, 3] uint8 with id = R + 256 G + 256^2 B (COCO panoptic PNG)."""
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, format="PNG", optimize=False)
+
+
+def generate_synthetic(
+    out_dir: str | os.PathLike[str],
+    num_classes: int = 12,
+    num_images: int = 240,
+    size: int = 128,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Generate the synthetic dataset into `out_dir` (replaced atomically) and return the counts.
+
+    The dataset is written into a sibling temporary directory and renamed into place when complete, so a
+    crash never leaves a half-written tree that looks prepared. `progress(done, total)` is called after each
+    image. Returns {"train": images, "val": images, "classes": K, "segments": panoptic segments}.
+    """
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise UserError(f"synthetic: num_classes must be in 2..{MAX_CLASSES} (uint8 ADE-style labels), got {num_classes}")
+    if num_images < 2:
+        raise UserError(f"synthetic: num_images must be at least 2 (one per split), got {num_images}")
+    if size < 32:
+        raise UserError(f"synthetic: image size must be at least 32 pixels, got {size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"synthetic: val_fraction must be in (0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    info = get_dataset_info("synthetic", num_classes=num_classes)
+    looks = class_looks(num_classes)
+    num_val = min(num_images - 1, max(1, round(num_images * val_fraction)))
+    split_of = {"train": range(1, num_images - num_val + 1), "val": range(num_images - num_val + 1, num_images + 1)}
+    categories = [
+        {"id": info.dataset_ids[i], "name": info.classes[i], "supercategory": "thing" if i in info.thing_ids
+         else "stuff", "isthing": int(i in info.thing_ids), "color": list(info.color(i))}
+        for i in range(num_classes)
+    ]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    counts = {"train": 0, "val": 0, "classes": num_classes, "segments": 0}
+    try:
+        done = 0
+        for split, ade_split in SPLITS:
+            dirs = {k: tmp / k / ade_split for k in ("images", "annotations", "annotations_detectron2")}
+            dirs["panoptic"] = tmp / f"panoptic_{split}"
+            for d in dirs.values():
+                d.mkdir(parents=True)
+            images, annotations = [], []
+            for idx in split_of[split]:
+                scene = make_scene(np.random.default_rng([seed, idx]), looks, size)
+                stem = f"syn_{idx:08d}"
+                Image.fromarray(scene.image).save(dirs["images"] / f"{stem}.jpg", format="JPEG", quality=95)
+                raw = (scene.semantic + 1).astype(np.uint8)  # -1 (other) -> 0
+                _save_png(raw, dirs["annotations"] / f"{stem}.png")
+                _save_png(ade_to_detectron2(raw), dirs["annotations_detectron2"] / f"{stem}.png")
+                _save_png(id_to_rgb(scene.panoptic), dirs["panoptic"] / f"{stem}.png")
+                segs = []
+                for sid, cls, crowd in scene.segments:
+                    m = scene.panoptic == sid
+                    segs.append({"id": sid, "category_id": info.dataset_ids[cls], "area": int(m.sum()),
+                                 "bbox": _bbox(m), "iscrowd": crowd})
+                images.append({"id": idx, "file_name": f"{stem}.jpg", "height": size, "width": size})
+                annotations.append({"image_id": idx, "file_name": f"{stem}.png", "segments_info": segs})
+                counts[split] += 1
+                counts["segments"] += len(segs)
+                done += 1
+                if progress is not None:
+                    progress(done, num_images)
+            doc = {"info": {"description": f"maskformer synthetic dataset, {num_classes} classes",
+                            "version": SYNTHETIC_VERSION},
+                   "images": images, "annotations": annotations, "categories": categories}
+            (tmp / f"panoptic_{split}.json").write_text(json.dumps(doc), encoding="utf-8")
+        params: dict[str, int | float] = {"num_classes": num_classes, "num_images": num_images, "size": size,
+                                          "seed": seed}
+        if val_fraction != 0.2:  # prepare-data compares params without it
+            params["val_fraction"] = val_fraction
+        entry = {"name": "synthetic", "version": SYNTHETIC_VERSION, "params": params, "counts": counts}
+        stamp = {"datasets": {"synthetic": entry}, "format": STAMP_FORMAT}
+        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True), encoding="utf-8")
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts

@@ -1,0 +1,244 @@
+"""Process-group setup and the few collectives the engine needs; exact sharding; `--gpus N` relaunch.
+
+Everything works unchanged in a single process (no torchrun variables): the collectives become
+no-ops and rank/world size are 0/1. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) a process group is
+always created, even for one process, so the same code path runs at every scale: NCCL when the device
+is CUDA, gloo otherwise. With NCCL, tensors passed to the collectives must be on this rank's GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from maskformer_cli.errors import UserError
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its global rank, the number of processes, its rank on this node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+
+def under_torchrun() -> bool:
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device (UserError if unusable); `local_rank` overrides N."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UserError(f"unsupported device '{device}' (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available (use --device cpu)")
+    index = local_rank if local_rank is not None else (dev.index if dev.index is not None else 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"CUDA device {index} requested but only {torch.cuda.device_count()} are visible")
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Set up this process: a single process, or one rank of a torchrun job.
+
+    Under torchrun: joins the process group (env:// rendezvous, NCCL for CUDA else gloo) and, for CUDA,
+    binds this process to cuda:LOCAL_RANK. Calling it again after initialisation returns the same info.
+    """
+    if not under_torchrun():
+        dev = resolve_device(device, None)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
+        if backend == "nccl":
+            kwargs["device_id"] = dev  # binds the communicator to this GPU (and silences barrier warnings)
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if not _active():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place and return it (identity in a single process)."""
+    if _active() and get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; [obj] in a single process)."""
+    if not _active() or get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (other ranks' `obj` is ignored)."""
+    if not _active() or get_world_size() == 1:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_nonfinite(loss: torch.Tensor | float) -> bool:
+    """True on EVERY rank when the loss (any element) is NaN/inf on ANY rank, so all ranks skip together.
+
+    This is a collective: every rank must call it at the same point. It syncs with the host once.
+    """
+    t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+    flag = (~torch.isfinite(t)).any().to(torch.float32).reshape(1)
+    if _active() and get_world_size() > 1:
+        if dist.get_backend() == "nccl" and flag.device.type != "cuda":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """The contiguous share of range(n) that `rank` evaluates: sizes differ by at most one, no padding.
+
+    The shards of ranks 0..world_size-1 are disjoint, in order, and their union is range(n), so
+    gathered results need no de-duplication (unlike DistributedSampler, which pads with repeats).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (1 if rank < extra else 0)))
+
+
+# --------------------------------------------------------------------------------------------- relaunch
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE` (every occurrence; arguments after `--` kept)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg == option:
+            i += 2
+            continue
+        if arg.startswith(option + "="):
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def torchrun_command(nproc: int, argv: list[str], module: str = "maskformer_cli") -> list[str]:
+    """The command `relaunch_with_torchrun` runs (for logging and `ablate --dry-run`)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--standalone",
+        "-m",
+        module,
+        *strip_option(list(argv), "--gpus"),
+    ]
+
+
+def relaunch_with_torchrun(
+    nproc: int, argv: list[str], module: str = "maskformer_cli", timeout: float | None = None
+) -> int:
+    """Run `python -m torch.distributed.run --nproc-per-node N --standalone -m maskformer_cli ARGV`.
+
+    `argv` is the CLI's arguments after the program name (e.g. `sys.argv[1:]`); `--gpus` is removed so
+    the children run in place. Returns torchrun's exit code (non-zero when any rank failed). Without
+    CUDA the N ranks run on CPU with gloo (useful for testing); with CUDA, N may not exceed the
+    visible devices. `timeout` (seconds, for tests) stops the job and returns 124 when it runs longer.
+    """
+    if nproc < 1:
+        raise UserError(f"--gpus must be >= 1, got {nproc}")
+    if under_torchrun():
+        raise UserError("--gpus cannot be used inside torchrun; the job is already distributed")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UserError(
+            f"--gpus {nproc} requested but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
+    cmd = torchrun_command(nproc, argv, module)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun forwards SIGTERM to its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return 124
+    except KeyboardInterrupt:
+        # Ctrl-C reaches torchrun too (same process group): give it time to stop its workers.
+        try:
+            return proc.wait(timeout=30)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+            return 130

@@ -1,0 +1,223 @@
+"""`maskformer evaluate`: metrics of a checkpoint (or of saved predictions) on a dataset split."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maskformer_cli import distributed as dist
+from maskformer_cli.errors import UserError
+from maskformer_cli.reporting import console, metrics_table, per_class_table, progress_bar, write_per_class_csv
+
+METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
+INFERENCE = ("semantic", "general", "iterative", "panoptic")
+
+
+def _metrics_for(metric: str, task: str, mask_classification: bool) -> tuple[str, ...]:
+    if metric == "all":
+        chosen = ("miou", "pq-stuff") + (("pq",) if task == "panoptic" and mask_classification else ())
+        return chosen
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
+    if metric == "pq" and task != "panoptic":
+        raise UserError("--metric pq needs a panoptic dataset (instance-level ground truth); use pq-stuff for "
+                        "semantic datasets")
+    if metric == "pq" and not mask_classification:
+        raise UserError("--metric pq needs a mask-classification model; per-pixel baselines give semantic maps")
+    return METRICS[metric]
+
+
+def default_out(checkpoint: Path | None, split: str) -> Path:
+    if checkpoint is not None and checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval" / f"{checkpoint.stem}_{split}"
+    return Path("eval") / split
+
+
+def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, metric: str, inference: str | None,
+                 tta: bool, predictions: Path | None, out: Path | None, per_class: bool, batch_size: int,
+                 limit: int | None, device: str) -> dict[str, Any]:
+    if inference is not None and inference not in INFERENCE:
+        raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
+    if predictions is not None:
+        if dataset is None:
+            raise UserError("--predictions needs --dataset (the ground truth to compare with)")
+        metrics = evaluate_saved_predictions(predictions, dataset=dataset, split=split, metric=metric,
+                                             limit=limit)
+        meta = {"predictions": str(predictions)}
+    else:
+        if checkpoint is None:
+            raise UserError("give a checkpoint to evaluate, or --predictions DIR --dataset NAME")
+        dinfo = dist.init_distributed(device)
+        try:
+            metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
+                                                 inference=inference, tta=tta, batch_size=batch_size,
+                                                 limit=limit, device=dinfo.device)
+        finally:
+            dist.cleanup()
+        if not dinfo.is_main:
+            return metrics
+    out = out or default_out(checkpoint, split)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = metrics.pop("per_class", None) or []
+    (out / "metrics.json").write_text(json.dumps({**meta, **metrics}, indent=2, default=float))
+    if rows:
+        write_per_class_csv(rows, out / "per_class.csv")
+    if per_class and rows:
+        console.print(per_class_table(rows))
+    console.print(metrics_table(metrics, title=f"{meta.get('dataset', dataset)} / {split}"))
+    console.print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'per_class.csv'}" if rows else ""))
+    return metrics
+
+
+def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device):
+    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.engine import evaluate
+    from maskformer_cli.models.flops import count_flops
+    from maskformer_cli.train import eval_spec
+    from maskformer_cli.weights import load_for_inference
+
+    loaded = load_for_inference(checkpoint, device, dataset=dataset)
+    recipe = loaded.recipe
+    if dataset is None and loaded.dataset is None:
+        raise UserError(f"{checkpoint} does not record its dataset: pass --dataset")
+    info = dataset_info(recipe.data)
+    if info.num_classes != len(loaded.classes):
+        raise UserError(f"the model predicts {len(loaded.classes)} classes, dataset '{info.name}' has "
+                        f"{info.num_classes}")
+    mask_cls = recipe.model.meta_architecture == "maskformer"
+    task = recipe.data.task if info.task == "panoptic" else "semantic"
+    if metric == "pq" and info.task == "panoptic":
+        task = "panoptic"
+    recipe = replace(recipe, data=replace(recipe.data, task=task))
+    metrics_wanted = _metrics_for(metric, task, mask_cls)
+    spec = eval_spec(recipe, info, metrics=metrics_wanted, mode=inference, tta=tta)
+    if inference == "panoptic" and "pq" not in metrics_wanted:
+        raise UserError("--inference panoptic produces panoptic segments: use --metric pq")
+    loader = build_eval_loader(recipe.data, info, split=split, batch_size=batch_size, rank=dist.get_rank(),
+                               world_size=dist.get_world_size(), limit=limit, task=task)
+    total = len(loader.dataset)
+    t0 = time.perf_counter()
+    with progress_bar("evaluate", total, enabled=dist.is_main()) as bar:
+        task_id = bar.add_task("evaluate", total=total)
+        metrics = evaluate(loaded.model, loader, spec, device=device, precision="fp32",
+                           class_names=info.classes, on_batch=lambda n: bar.advance(task_id, n * dist.get_world_size()))
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() for p in loaded.model.parameters())
+    h = w = recipe.data.test_short_side or recipe.data.crop_size[0]
+    flops = count_flops(loaded.model, torch.zeros(1, 3, h, w, device=device))
+    metrics.update({"images_per_s": metrics["num_images"] / max(seconds, 1e-9), "params_M": params / 1e6,
+                    "gflops": flops / 1e9})
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256, "dataset": info.name,
+            "split": split, "inference": spec.mode, "tta": spec.tta, "metrics": list(metrics_wanted),
+            "recipe": json.loads(json.dumps(_plain(recipe)))}
+    return metrics, meta
+
+
+def _plain(recipe):
+    from maskformer_cli.config import to_dict
+
+    return to_dict(recipe)
+
+
+# ------------------------------------------------------------------------------------- saved predictions
+
+
+def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metric: str,
+                               limit: int | None = None) -> dict[str, Any]:
+    """Metrics of predictions written by `maskformer predict` (label PNGs named by image stem, or a COCO
+    panoptic JSON + PNGs with dataset category ids) against the dataset's ground truth."""
+    from PIL import Image
+
+    from maskformer_cli.data.catalog import datasets_root, get_dataset_info
+    from maskformer_cli.engine import Evaluator, EvalSpec
+
+    info = get_dataset_info(dataset)
+    base = Path(info.root) if info.root else datasets_root() / info.dirname
+    if not pred_dir.is_dir():
+        raise UserError(f"--predictions {pred_dir}: not a directory")
+    pan_json = pred_dir / "panoptic.json"
+    if metric in ("pq", "all") and pan_json.exists() and split in info.panoptic:
+        return _eval_saved_panoptic(pred_dir, pan_json, info, base, split, limit)
+    if metric == "pq":
+        raise UserError(f"--metric pq needs {pan_json} (COCO panoptic predictions)")
+    if split not in info.sem_seg:
+        raise UserError(f"dataset '{dataset}' has no semantic split '{split}' (has {', '.join(info.sem_seg)})")
+    _, label_dir = info.sem_seg[split]
+    gt_files = sorted((base / label_dir).glob("*.png"))[:limit]
+    if not gt_files:
+        raise UserError(f"no ground-truth labels in {base / label_dir}")
+    wanted = ("miou", "pq-stuff") if metric == "all" else _metrics_for(metric, "semantic", True)
+    ev = Evaluator(EvalSpec(metrics=wanted, num_classes=info.num_classes, ignore_label=info.ignore_label),
+                   info.classes)
+    suffix_from, suffix_to = info.label_suffix
+    missing = []
+    with progress_bar("evaluate", len(gt_files)) as bar:
+        task = bar.add_task("evaluate", total=len(gt_files))
+        for gt_file in gt_files:
+            stem = gt_file.stem
+            if suffix_to and stem.endswith(suffix_to):
+                stem = stem[: -len(suffix_to)] + suffix_from
+            pred_file = _find_prediction(pred_dir, stem)
+            if pred_file is None:
+                missing.append(gt_file.name)
+                continue
+            with Image.open(pred_file) as im:
+                pred = torch.from_numpy(np.array(im).astype(np.int64))
+            with Image.open(gt_file) as im:
+                gt = torch.from_numpy(np.array(im).astype(np.int64))
+            if pred.shape != gt.shape:
+                raise UserError(f"{pred_file}: size {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
+            ev.update_semantic(pred, gt)
+            ev.num_images += 1
+            bar.advance(task)
+    if missing:
+        raise UserError(f"{len(missing)} ground-truth images have no prediction in {pred_dir} "
+                        f"(first: {', '.join(missing[:5])})")
+    return ev.compute()
+
+
+def _find_prediction(pred_dir: Path, stem: str) -> Path | None:
+    for cand in (pred_dir / f"{stem}.png", pred_dir / "labels" / f"{stem}.png"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split: str, limit: int | None):
+    from PIL import Image
+
+    from maskformer_cli.engine import Evaluator, EvalSpec
+
+    _, gt_json, gt_png_dir = info.panoptic[split]
+    gt = json.loads((base / gt_json).read_text())
+    preds = {a["file_name"]: a for a in json.loads(pan_json.read_text())["annotations"]}
+    to_contiguous = {d: i for i, d in enumerate(info.dataset_ids)} if info.dataset_ids else None
+    ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=info.num_classes, thing_ids=tuple(info.thing_ids)),
+                   info.classes)
+
+    def read_ids(path: Path) -> torch.Tensor:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB")).astype(np.int64)
+        return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
+
+    def segs(ann: dict) -> list[dict]:
+        out = []
+        for s in ann["segments_info"]:
+            cid = to_contiguous[s["category_id"]] if to_contiguous else s["category_id"]
+            out.append({**s, "category_id": cid})
+        return out
+
+    for ann in gt["annotations"][:limit]:
+        pred = preds.get(ann["file_name"])
+        if pred is None:
+            raise UserError(f"{pan_json}: no prediction for {ann['file_name']}")
+        ev.update_panoptic(read_ids(pred_dir / "panoptic" / pred["file_name"]), segs(pred),
+                           read_ids(base / gt_png_dir / ann["file_name"]), segs(ann))
+        ev.num_images += 1
+    return ev.compute()

@@ -1,0 +1,192 @@
+"""Backbones of the pixel-level module: an image -> features {res2, res3, res4, res5} at strides 4..32.
+
+Every backbone honours one contract: `forward(x: [B, 3, H, W]) -> {"res2": [B, C2, ~H/4, ~W/4], ...,
+"res5": [B, C5, ~H/32, ~W/32]}` and the attributes `out_channels` / `out_strides` (dicts keyed by those
+names). H and W need not be multiples of 32; each level is then the ceiling of the division.
+
+`build_backbone` dispatches on a registry name: resnet50 | resnet101 | resnet101c (ResNets in resnet.py),
+swin_tiny | swin_small | swin_base | swin_large (swin.py) and `timm:<model>` (any timm model that gives
+features at reductions 4, 8, 16 and 32). This file also holds the conv + norm building block and the norm
+factory shared by the ResNets and the pixel decoders.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskformer_cli.errors import UserError
+
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+NORMS = ("frozen_bn", "bn", "sync_bn", "gn", "none")
+
+
+def get_norm(kind: str, channels: int) -> nn.Module | None:
+    """A 2-D normalisation layer: 'frozen_bn' (ImageNet statistics, no parameters, as the reference
+    backbones), 'bn', 'sync_bn', 'gn' (GroupNorm with 32 groups, as the reference pixel decoder) or 'none'."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d(channels)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "sync_bn":
+        # Outside torch.distributed (or in eval) SyncBatchNorm behaves as plain BatchNorm.
+        return nn.SyncBatchNorm(channels)
+    if kind == "gn":
+        return nn.GroupNorm(32, channels)
+    if kind == "none":
+        return None
+    raise UserError(f"unknown norm '{kind}'; choose one of {', '.join(NORMS)}")
+
+
+class ConvNorm(nn.Conv2d):
+    """Conv2d followed by an optional norm (stored as `.norm`) and ReLU.
+
+    Keeping the norm inside the conv gives detectron2's key layout (`conv1.weight`, `conv1.norm.weight`), so
+    released weights map onto these modules by name.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        bias: bool = False,
+        norm: nn.Module | None = None,
+        relu: bool = False,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias
+        )
+        self.norm = norm
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.relu(x) if self.relu else x
+
+
+def c2_xavier_fill(module: nn.Conv2d | nn.Linear) -> None:
+    """Caffe2's XavierFill as detectron2 uses it: kaiming-uniform with a=1 (fan_in), zero bias."""
+    nn.init.kaiming_uniform_(module.weight, a=1)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def c2_msra_fill(module: nn.Conv2d | nn.Linear) -> None:
+    """Caffe2's MSRAFill: kaiming-normal (fan_out, ReLU gain), zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def freeze_module(module: nn.Module) -> nn.Module:
+    """Stop gradients into `module` and turn its BatchNorms into FrozenBatchNorm2d (their statistics must not
+    drift either), as detectron2's `freeze_at`. Returns the (possibly replaced) module."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        if module.affine:
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        new = freeze_module(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ timm
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model as a backbone: `features_only=True`, keeping the last feature level at each of the
+    reductions 4, 8, 16 and 32. Parameters live under `body.` with timm's own names."""
+
+    def __init__(self, name: str, pretrained: str | None = None) -> None:
+        super().__init__()
+        import timm
+
+        if not timm.is_model(name):
+            raise UserError(f"unknown timm model '{name}' (see timm.list_models())")
+        # Probe the feature levels on the meta device: no memory, no weights.
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        reductions = [info["reduction"] for info in probe.feature_info.get_dicts()]
+        all_indices = list(probe.feature_info.out_indices)
+        del probe
+        picked: dict[int, int] = {}
+        for idx, red in zip(all_indices, reductions, strict=True):
+            if red in (4, 8, 16, 32):
+                picked[red] = idx  # the last level at a reduction is the deepest one
+        if sorted(picked) != [4, 8, 16, 32]:
+            raise UserError(
+                f"timm model '{name}' gives features at reductions {reductions}; MaskFormer needs 4, 8, 16 and 32"
+            )
+        kwargs: dict = {"features_only": True, "out_indices": tuple(picked[r] for r in (4, 8, 16, 32))}
+        if pretrained == "imagenet":
+            kwargs["pretrained"] = True
+        elif pretrained:
+            kwargs["pretrained"] = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained)}
+        try:
+            self.body = timm.create_model(name, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            where = "download (are you offline?)" if pretrained == "imagenet" else f"load {pretrained}"
+            raise UserError(f"timm:{name}: could not {where}: {e}") from None
+        channels = self.body.feature_info.channels()
+        fmt = getattr(self.body, "output_fmt", "NCHW")
+        self.channels_last = getattr(fmt, "value", fmt) == "NHWC"  # e.g. timm's Swin
+        self.out_channels = dict(zip(FEATURE_NAMES, channels, strict=True))
+        self.out_strides = dict(FEATURE_STRIDES)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.body(x)
+        out = {}
+        for name, f in zip(FEATURE_NAMES, feats, strict=True):
+            out[name] = (f.permute(0, 3, 1, 2) if self.channels_last else f).contiguous()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def build_backbone(
+    name: str,
+    pretrained: str | None = None,
+    norm: str = "frozen_bn",
+    freeze_at: int = 0,
+    window_size: int | None = None,
+    drop_path_rate: float = 0.3,
+) -> nn.Module:
+    """The backbone registered as `name`.
+
+    pretrained: None (random init), 'imagenet' (torchvision / timm / official Swin weights; needs network) or
+    a local weights file. norm and freeze_at apply to the ResNets (freeze_at 1: the stem, 2: stem and res2);
+    window_size and drop_path_rate to Swin.
+    """
+    key = name.strip()
+    if key.startswith("timm:"):
+        return TimmBackbone(key[len("timm:") :], pretrained)
+    if key.startswith("swin"):
+        from maskformer_cli.models.swin import build_swin_backbone
+
+        return build_swin_backbone(key, window_size=window_size, drop_path_rate=drop_path_rate, pretrained=pretrained)
+    from maskformer_cli.models.resnet import RESNET_SPECS, build_resnet
+
+    if key in RESNET_SPECS:
+        return build_resnet(key, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
+    known = [*RESNET_SPECS, "swin_tiny", "swin_small", "swin_base", "swin_large", "timm:<name>"]
+    raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(known)}")

@@ -1,0 +1,239 @@
+"""What people read: rank-0 logs (metrics.jsonl, results.csv), Rich progress and tables, overlays, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+class Logger:
+    """Rank-0 run log: JSON lines for every logged step/eval, a CSV of evaluation results, console output.
+
+    On other ranks every method is a no-op, so callers need no `if is_main` around logging.
+    """
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.run_dir = run_dir
+        self._progress: Progress | None = None
+        self._task = None
+        self._last_plain = 0.0
+
+    # --------------------------------------------------------------------------------------------- files
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def result(self, row: dict[str, Any]) -> None:
+        """Append an evaluation row to results.csv (columns grow as new metrics appear)."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "results.csv"
+        rows = []
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        rows.append({k: v for k, v in row.items() if not isinstance(v, list | dict)})
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    # ------------------------------------------------------------------------------------------ console
+    def start(self, total: int, completed: int = 0, description: str = "train") -> None:
+        if not self.enabled or not is_tty():
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=console, transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total, completed=completed, info="")
+
+    def advance(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        elif time.monotonic() - self._last_plain > 10 or step <= 1:
+            self._last_plain = time.monotonic()
+            console.print(f"step {step}: {info}", highlight=False)
+
+    def print(self, *args: Any) -> None:
+        if self.enabled:
+            console.print(*args, highlight=False)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    return v
+
+
+def progress_bar(description: str, total: int | None, enabled: bool = True) -> Progress:
+    """A Rich progress bar for long work (evaluation, prediction, downloads); silent when not a TTY."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not (enabled and is_tty()), transient=False,
+    )
+
+
+SUMMARY_KEYS = ("mIoU", "fwIoU", "mAcc", "pAcc", "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st",
+                "RQ_st")
+
+
+def metrics_table(metrics: dict[str, Any], title: str = "results") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in SUMMARY_KEYS:
+        if k in metrics and metrics[k] is not None:
+            table.add_row(k, f"{metrics[k]:.2f}")
+    for k in ("num_images", "images_per_s", "params_M", "gflops"):
+        if k in metrics:
+            v = metrics[k]
+            table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    return table
+
+
+def per_class_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="per class")
+    keys = [k for k in ("IoU", "Acc", "PQ", "SQ", "RQ") if any(k in r for r in rows)]
+    table.add_column("id", justify="right")
+    table.add_column("class")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for r in rows:
+        vals = [r.get(k) for k in keys]
+        table.add_row(str(r.get("class", "")), str(r.get("name", "")),
+                      *["-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in vals])
+    return table
+
+
+def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+
+
+def colorize(labels: np.ndarray, colors: list[tuple[int, int, int]], ignore_label: int | None = None) -> np.ndarray:
+    """[H,W] int labels -> [H,W,3] uint8 colors (ignore/void black)."""
+    lut = np.zeros((max(int(labels.max(initial=0)) + 1, len(colors)), 3), dtype=np.uint8)
+    lut[: len(colors)] = np.asarray(colors, dtype=np.uint8)
+    out = lut[np.clip(labels, 0, len(lut) - 1)]
+    if ignore_label is not None:
+        out[labels == ignore_label] = 0
+    return out
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, colors: list[tuple[int, int, int]], names: list[str],
+            ignore_label: int | None = None, alpha: float = 0.55, boundaries: np.ndarray | None = None) -> "Image":
+    """Image blended with the colored label map, with a legend of the classes present on the right."""
+    from PIL import Image, ImageDraw
+
+    color = colorize(labels, colors, ignore_label)
+    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
+    blend = image.astype(np.float32)
+    blend[valid] = (1 - alpha) * blend[valid] + alpha * color[valid]
+    if boundaries is not None:
+        blend[boundaries] = 255
+    canvas_img = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(labels) if ignore_label is None or c != ignore_label]
+    present = [c for c in present if 0 <= c < len(names)]
+    row_h = 14
+    legend_w = 10 + 8 * max((len(names[c]) for c in present), default=4) + 24
+    h = max(canvas_img.height, row_h * len(present) + 8)
+    out = Image.new("RGB", (canvas_img.width + legend_w, h), (255, 255, 255))
+    out.paste(canvas_img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for j, c in enumerate(present):
+        y = 4 + j * row_h
+        x = canvas_img.width + 6
+        draw.rectangle([x, y, x + 12, y + 10], fill=tuple(int(v) for v in colors[c]))
+        draw.text((x + 18, y - 1), names[c], fill=(0, 0, 0))
+    return out
+
+
+def segment_boundaries(ids: np.ndarray) -> np.ndarray:
+    """[H,W] bool: pixels whose right or lower neighbour belongs to another segment."""
+    b = np.zeros(ids.shape, bool)
+    b[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    b[:-1, :] |= ids[:-1, :] != ids[1:, :]
+    return b
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """loss and metric curves from metrics.jsonl -> curves.png (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        (evals if r.get("kind") == "eval" else train).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r.get("loss") for r in train])
+        axes[0].set_title("training loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_yscale("log")
+    for key in ("mIoU", "PQ", "PQ_st"):
+        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), marker="o", label=key)
+    axes[1].set_title("evaluation")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

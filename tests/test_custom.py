@@ -1,0 +1,184 @@
+"""Custom dataset specs: loading as a DatasetInfo, and `prepare-data custom --check` finding every fault."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from panopticapi.utils import id2rgb
+from prepare_utils import console_text, jpg_bytes, png_bytes, quiet_console
+
+from maskformer_cli.data.catalog import get_dataset_info
+from maskformer_cli.data.custom import check_custom
+from maskformer_cli.data.prepare import run_prepare
+from maskformer_cli.errors import UserError
+
+CLASSES = ["road", "car", "person"]
+
+
+def _w(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _spec(tmp_path: Path, text: str) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    return spec
+
+
+SPEC = """
+name: roads
+classes: classes.txt
+ignore_label: 255
+thing_classes: [car, person]
+semantic:
+  train: {images: img/train, labels: lbl/train, label_suffix: _mask}
+  val: {images: img/val, labels: lbl/val, label_suffix: _mask}
+"""
+
+
+def make_dataset(tmp_path: Path) -> dict[str, list[np.ndarray]]:
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    rng = np.random.default_rng(0)
+    good = {"train": [], "val": []}
+
+    def label(h=8, w=8):
+        lab = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        lab[0, 0] = 255
+        return lab
+
+    for split, stems in (("train", ["a", "sub/b"]), ("val", ["v"])):
+        for s in stems:
+            lab = label()
+            good[split].append(lab)
+            _w(tmp_path / f"img/{split}/{s}.jpg", jpg_bytes(8, 8))
+            _w(tmp_path / f"lbl/{split}/{s}_mask.png", png_bytes(lab))
+    # planted faults, all in train
+    _w(tmp_path / "img/train/no_label.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/no_image_mask.png", png_bytes(label()))
+    _w(tmp_path / "img/train/wrong_size.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/wrong_size_mask.png", png_bytes(label(6, 8)))
+    bad = label()
+    bad[1, 1], bad[2, 2] = 7, 3
+    _w(tmp_path / "img/train/bad_value.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/bad_value_mask.png", png_bytes(bad))
+    _w(tmp_path / "img/train/truncated.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/truncated_mask.png", png_bytes(label())[:60])
+    _w(tmp_path / "img/train/rgb.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/rgb_mask.png", png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    _w(tmp_path / "img/train/broken_image.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+    _w(tmp_path / "lbl/train/broken_image_mask.png", png_bytes(label()))
+    return good
+
+
+def test_spec_becomes_a_dataset_info_with_absolute_paths(tmp_path):
+    make_dataset(tmp_path)
+    spec = _spec(tmp_path, SPEC)
+    info = get_dataset_info(str(spec))
+    assert info.name == "roads" and info.classes == tuple(CLASSES) and info.thing_ids == (1, 2)
+    assert info.root == str(tmp_path.resolve()) and info.task == "semantic"
+    assert info.sem_seg["val"] == (str((tmp_path / "img/val").resolve()), str((tmp_path / "lbl/val").resolve()))
+    assert info.label_suffix == ("", "_mask")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nclases: [a]\nsemantic: {train: {images: i, labels: l}}\n", "did you mean 'classes'"),
+    ("classes: [a, b]\nignore_label: 1\nsemantic: {train: {images: i, labels: l}}\n", "collides with class index 1"),
+    ("classes: [a, a]\nsemantic: {train: {images: i, labels: l}}\n", "duplicate class names: a"),
+    ("classes: [a]\nsemantic: {train: {images: i}}\n", "'semantic.train' lacks 'labels'"),
+    ("classes: [a]\n", "needs a 'semantic' and/or 'panoptic' section"),
+    ("classes: [a\n", "invalid YAML line"),
+])
+def test_spec_errors_name_the_file_and_key(tmp_path, text, message):
+    spec = _spec(tmp_path, text)
+    with pytest.raises(UserError, match=message) as e:
+        get_dataset_info(str(spec))
+    assert str(spec) in str(e.value)
+
+
+def test_check_finds_every_planted_fault(tmp_path):
+    good = make_dataset(tmp_path)
+    rep = check_custom(_spec(tmp_path, SPEC))
+    text = "\n".join(rep.problems)
+    expected = [
+        ("no_label.jpg", "no label"),
+        ("no_image_mask.png", "no image"),
+        ("wrong_size_mask.png", "label is 8x6 but image wrong_size.jpg is 8x8"),
+        ("bad_value_mask.png", "2 pixels with values outside 0..2 and ignore 255: 3, 7"),
+        ("truncated_mask.png", "unreadable label"),
+        ("rgb_mask.png", "3 channels"),
+        ("broken_image.jpg", "unreadable image"),
+    ]
+    for fname, what in expected:
+        assert any(fname in p and what in p for p in rep.problems), f"missing: {fname} {what}\n{text}"
+    assert len(rep.problems) == len(expected), text
+    # pixel counts of the clean val split, counted independently
+    want = np.zeros(3, np.int64)
+    for lab in good["val"]:
+        for v in lab.ravel():
+            if v < 3:
+                want[v] += 1
+    np.testing.assert_array_equal(rep.pixels["val"], want)
+    assert rep.images == {"train": 2 + 5, "val": 1}
+
+
+def test_check_command_lists_problems_and_exits_1(tmp_path):
+    make_dataset(tmp_path)
+    spec = _spec(tmp_path, SPEC)
+    r = subprocess.run([sys.executable, "-m", "maskformer_cli", "prepare-data", "custom", "--check", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "7 problem(s)" in r.stderr
+    for fname in ("no_label.jpg", "no_image_mask.png", "bad_value_mask.png", "truncated_mask.png"):
+        assert fname in r.stdout
+    assert "road" in r.stdout and "person" in r.stdout  # the pixel table
+
+
+def test_clean_dataset_passes(tmp_path):
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
+    _w(tmp_path / "img/train/a.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/train/a_mask.png", png_bytes(np.ones((8, 8), np.uint8)))
+    _w(tmp_path / "img/val/v.jpg", jpg_bytes(8, 8))
+    _w(tmp_path / "lbl/val/v_mask.png", png_bytes(np.zeros((8, 8), np.uint8)))
+    console = quiet_console()
+    result = run_prepare("custom", root=None, archives=[], download=False, check=_spec(tmp_path, SPEC),
+                         accept_checksum=False, force=False, synthetic={}, console=console)
+    assert result["problems"] == [] and result["pixels"]["train"] == [0, 64, 0]
+    assert "no problems found" in console_text(console)
+
+
+def test_custom_needs_check(tmp_path):
+    with pytest.raises(UserError, match="--check SPEC.yaml"):
+        run_prepare("custom", root=None, archives=[], download=False, check=None, accept_checksum=False,
+                    force=False, synthetic={}, console=quiet_console())
+
+
+def test_panoptic_spec_and_check(tmp_path):
+    ids = np.zeros((6, 8), np.int64)
+    ids[:, :4], ids[:, 4:] = 1, 2
+    ids[0, 0] = 9  # not listed in segments_info
+    cats = [{"id": 10, "name": "road", "isthing": 0}, {"id": 20, "name": "car", "isthing": 1}]
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 6},
+                       {"id": 2, "file_name": "b.jpg", "width": 8, "height": 6}],
+            "annotations": [{"image_id": 1, "file_name": "a.png",
+                             "segments_info": [{"id": 1, "category_id": 10}, {"id": 2, "category_id": 20}]},
+                            {"image_id": 2, "file_name": "b.png", "segments_info": []}],
+            "categories": cats}
+    _w(tmp_path / "pan.json", json.dumps(data).encode())
+    _w(tmp_path / "img/a.jpg", jpg_bytes(6, 8))
+    _w(tmp_path / "img/b.jpg", jpg_bytes(6, 8))
+    _w(tmp_path / "pngs/a.png", png_bytes(id2rgb(ids).astype(np.uint8)))
+    spec = _spec(tmp_path, "name: pan\npanoptic:\n  train: {images: img, json: pan.json, pngs: pngs}\n")
+    info = get_dataset_info(str(spec))
+    assert info.task == "panoptic" and info.classes == ("road", "car") and info.dataset_ids == (10, 20)
+    assert info.thing_ids == (1,)
+    rep = check_custom(spec)
+    assert any("a.png: segment id 9" in p for p in rep.problems)
+    assert any("b.png: panoptic PNG listed in pan.json is missing" in p for p in rep.problems)
+    assert len(rep.problems) == 2
+    np.testing.assert_array_equal(rep.pixels["panoptic:train"], [(ids == 1).sum(), (ids == 2).sum()])

@@ -1,0 +1,264 @@
+"""Every shipped recipe and ablation variant loads strictly, matches the paper's settings, documents itself,
+and builds its model (tiny widths on CPU; the real backbones and full-size models on the meta device)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskformer_cli.ablate import load_ablation
+from maskformer_cli.config import Recipe, load_recipe
+from maskformer_cli.data.build import dataset_info
+from maskformer_cli.data.catalog import available
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml") if "ablations" not in p.relative_to(RECIPES).parts)
+ABLATION_FILES = sorted((RECIPES / "ablations").rglob("*.yaml"))
+
+
+def rel(p: Path) -> str:
+    return p.relative_to(ROOT).as_posix()
+
+
+def all_recipes() -> list[tuple[str, Recipe]]:
+    out = [(rel(p), load_recipe(p)) for p in RECIPE_FILES]
+    for p in ABLATION_FILES:
+        for v in load_ablation(p).variants:
+            out.append((f"{rel(p)}::{v.name}", v.recipe))
+    return out
+
+
+ALL = all_recipes()
+
+
+def header(path: Path) -> dict[str, list[str]]:
+    """The leading comment block as {field: [lines]} (continuation lines joined to their field)."""
+    fields: dict[str, list[str]] = {}
+    key = "title"
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        m = re.match(r"^([A-Za-z]+):\s+(.*)$", text)
+        if m and not line.startswith("#   "):
+            key = m.group(1)
+            fields.setdefault(key, []).append(m.group(2))
+        else:
+            fields.setdefault(key, []).append(text)
+    return fields
+
+
+# ------------------------------------------------------------------------------------------ what ships
+
+
+def test_every_paper_row_and_ablation_ships():
+    names = {rel(p) for p in RECIPE_FILES + ABLATION_FILES}
+    expected = {f"recipes/ade20k/{n}.yaml" for n in (
+        "per_pixel_baseline_r50", "per_pixel_baseline_plus_r50", "maskformer_r50", "maskformer_r101",
+        "maskformer_r101c", "maskformer_swin_tiny", "maskformer_swin_small", "maskformer_swin_base",
+        "maskformer_swin_large")}
+    expected |= {"recipes/coco-stuff-10k/maskformer_r50.yaml", "recipes/ade20k-full/maskformer_r50.yaml",
+                 "recipes/cityscapes/maskformer_r101.yaml", "recipes/cityscapes/maskformer_r101c.yaml",
+                 "recipes/mapillary/maskformer_r50.yaml", "recipes/ade20k-panoptic/maskformer_r50_6enc.yaml",
+                 "recipes/coco-panoptic/maskformer_r50_6enc.yaml", "recipes/coco-panoptic/maskformer_r101_6enc.yaml",
+                 "recipes/coco-panoptic/maskformer_swin_tiny.yaml", "recipes/coco-panoptic/maskformer_swin_base.yaml",
+                 "recipes/coco-panoptic/maskformer_swin_large.yaml", "recipes/quickstart.yaml"}
+    for a in ("table4_per_pixel_vs_mask", "table5_box_vs_mask_matching", "queries", "decoder_layers", "inference"):
+        expected.add(f"recipes/ablations/{a}.yaml")
+    expected |= {f"recipes/ablations/mini/{a}.yaml" for a in (
+        "per_pixel_vs_mask", "per_pixel_vs_mask_classes", "box_vs_mask_matching", "queries", "decoder_layers",
+        "inference")}
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("name, recipe", ALL, ids=[n for n, _ in ALL])
+def test_dataset_exists_and_fixed_query_counts_fit(name, recipe):
+    assert recipe.data.dataset.replace("_", "-") in available()
+    info = dataset_info(recipe.data)
+    if recipe.data.task == "panoptic":
+        assert info.task == "panoptic" and info.thing_ids, f"{name}: panoptic task on a semantic-only dataset"
+    m = recipe.model
+    # the fixed matcher and PerPixelBaseline+ need one query per class (N = K)
+    if recipe.loss.matcher == "fixed" or m.meta_architecture == "per_pixel_baseline_plus":
+        assert m.num_queries == info.num_classes, name
+    if recipe.loss.matcher == "box":
+        assert m.box_head and recipe.data.task == "panoptic", name
+    if recipe.inference.mode == "panoptic":
+        assert recipe.data.task == "panoptic" and m.meta_architecture == "maskformer", name
+
+
+# ----------------------------------------------------------------------------------- the paper's settings
+
+# (max_iters, global batch, crop) from the paper (Sec. 4.2, appendix A) and DATASETS.md.
+SETTINGS = {
+    "ade20k": (160_000, 16, (512, 512)), "ade20k-full": (200_000, 16, (512, 512)),
+    "coco-stuff-10k": (60_000, 32, (640, 640)), "cityscapes": (90_000, 16, (512, 1024)),
+    "mapillary": (300_000, 16, (1280, 1280)), "ade20k-panoptic": (720_000, 16, (640, 640)),
+    "coco-panoptic": (554_400, 64, None),
+}
+PAPER_RECIPES = [(n, r) for n, r in ALL if n.split("/")[1] in SETTINGS or "ablations/" in n and "/mini/" not in n]
+
+
+@pytest.mark.parametrize("name, recipe", PAPER_RECIPES, ids=[n for n, _ in PAPER_RECIPES])
+def test_paper_settings(name, recipe):
+    iters, batch, crop = SETTINGS[recipe.data.dataset]
+    s, d, m = recipe.solver, recipe.data, recipe.model
+    assert (s.max_iters, s.batch_size) == (iters, batch), name
+    if m.backbone in ("swin_base", "swin_large") and d.dataset == "ade20k":
+        crop = (640, 640)  # ImageNet-22K rows of Table 1
+    if crop is not None:
+        assert d.crop_size == crop, name
+    if m.backbone.startswith("swin"):
+        assert (s.lr, s.weight_decay, s.backbone_multiplier) == (6e-5, 1e-2, 1.0), name
+    else:
+        assert (s.lr, s.weight_decay, s.backbone_multiplier) == (1e-4, 1e-4, 0.1), name
+    assert m.pretrained == "imagenet" and s.clip_grad == 0.01 and s.poly_power == 0.9
+    assert (recipe.loss.focal_weight, recipe.loss.dice_weight, recipe.loss.no_object_weight) == (20.0, 1.0, 0.1)
+    if d.task == "panoptic":
+        assert recipe.inference.mode == "panoptic" and recipe.inference.overlap_threshold == 0.8
+        assert recipe.inference.object_mask_threshold == (0.7 if d.dataset == "ade20k-panoptic" else 0.8)
+        if not m.backbone.startswith("swin"):  # the "+6 Enc" rows
+            assert (m.pixel_decoder, m.encoder_layers) == ("transformer_encoder_fpn", 6), name
+    if d.dataset == "coco-panoptic":
+        assert d.augmentation == "detr"
+    if d.dataset == "cityscapes":
+        assert d.test_short_side == 0  # whole 1024x2048 image
+    if d.dataset == "mapillary":
+        assert d.base_short_side == 2048 and recipe.inference.tta_scales == (0.5, 1.0, 1.5)
+    if "table4" in name:
+        assert m.num_queries == 150
+    if m.meta_architecture == "maskformer" and "queries.yaml" not in name and "table4" not in name:
+        assert m.num_queries == 100
+    if "decoder_layers" not in name:
+        assert m.dec_layers == 6
+
+
+@pytest.mark.parametrize("path", ABLATION_FILES, ids=[rel(p) for p in ABLATION_FILES])
+def test_mini_ablations_are_cpu_sized(path):
+    abl = load_ablation(path)
+    if "/mini/" not in rel(path):
+        assert all(v.recipe.data.dataset != "synthetic" for v in abl.variants)
+        return
+    for v in abl.variants:
+        r = v.recipe
+        assert r.data.dataset == "synthetic" and r.model.pretrained is None, v.name
+        assert r.solver.max_iters <= 500 and max(r.data.crop_size) <= 128 and r.model.hidden_dim <= 128, v.name
+        assert r.data.num_workers <= 1 and r.solver.precision == "fp32", v.name
+
+
+def test_quickstart_is_cpu_sized_and_downloads_nothing():
+    r = load_recipe(RECIPES / "quickstart.yaml")
+    assert r.data.dataset == "synthetic" and r.model.pretrained is None and r.solver.precision == "fp32"
+    assert r.solver.max_iters <= 600 and max(r.data.crop_size) <= 128 and r.solver.batch_size <= 8
+    assert r.solver.backbone_multiplier == 1.0  # random init: the backbone learns at the full rate
+    assert r.solver.eval_every == r.solver.max_iters and r.solver.max_iters % r.solver.checkpoint_every == 0
+
+
+# ------------------------------------------------------------------------------------------- headers
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES + ABLATION_FILES, ids=[rel(p) for p in RECIPE_FILES + ABLATION_FILES])
+def test_header_names_table_paper_gpus_and_launch(path):
+    h = header(path)
+    for field in ("Table", "Paper", "GPUs", "Launch"):
+        assert h.get(field), f"{rel(path)}: header has no '{field}:' line"
+    launch = " ".join(h["Launch"])
+    if "ablations" in path.parts:
+        assert f"maskformer ablate {rel(path)}" in launch
+        return
+    if path.name == "quickstart.yaml":
+        assert f"maskformer train {rel(path)}" in launch
+        return
+    assert re.search(r"\d+\.\d", " ".join(h["Paper"])), f"{rel(path)}: no paper number"
+    m = re.search(r"torchrun (?:--nnodes (\d+) )?--nproc-per-node (\d+) .*-m maskformer_cli train (\S+)", launch)
+    assert m and m.group(3) == rel(path), f"{rel(path)}: launch line does not name this file: {launch}"
+    gpus = int(m.group(1) or 1) * int(m.group(2))
+    assert int(re.match(r"(\d+)", h["GPUs"][0]).group(1)) == gpus
+    assert load_recipe(path).solver.batch_size % gpus == 0
+    assert f"maskformer train {rel(path)} --gpus" in launch
+    assert "Weights" in h and "imagenet" in " ".join(h["Weights"])
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+K_TINY = 5
+
+
+def tiny(recipe: Recipe):
+    """The recipe's model at tiny widths with a tiny timm backbone; N = K kept where the recipe needs it."""
+    m = recipe.model
+    n_eq_k = recipe.loss.matcher == "fixed" or m.meta_architecture == "per_pixel_baseline_plus"
+    q = K_TINY if n_eq_k else min(m.num_queries, 7)
+    return replace(m, backbone="timm:test_resnet", pretrained=None, conv_dim=32, mask_dim=32, hidden_dim=32,
+                   nheads=2, dim_feedforward=32, num_queries=q)
+
+
+def _distinct(pairs):
+    """Build each distinct configuration once (many variants differ only in keys the model does not see)."""
+    seen: dict = {}
+    for name, key in pairs:
+        seen.setdefault(key, name)
+    return [(name, key) for key, name in seen.items()]
+
+
+TINY = _distinct((n, tiny(r)) for n, r in ALL)
+
+
+@pytest.mark.parametrize("name, cfg", TINY, ids=[n for n, _ in TINY])
+def test_model_builds_and_runs_at_tiny_size(name, cfg):
+    from maskformer_cli.models import build_model
+
+    model = build_model(cfg, K_TINY).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    if cfg.meta_architecture == "maskformer":
+        assert out.pred_logits.shape == (1, cfg.num_queries, K_TINY + 1)
+        assert out.pred_masks.shape == (1, cfg.num_queries, 16, 16)
+        assert len(out.aux_outputs) == (cfg.dec_layers - 1 if cfg.deep_supervision else 0)
+        assert (out.pred_boxes is not None) == cfg.box_head
+    else:
+        assert out.sem_seg_logits.shape == (1, K_TINY, 16, 16)
+
+
+BACKBONES = sorted({r.model.backbone for _, r in ALL})
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_real_backbone_names_build(backbone):
+    """Each distinct backbone at its real size, on the meta device (no memory, no weights): the name is valid
+    and gives strides 4..32 with the channels the paper's models have."""
+    from maskformer_cli.models.backbone import build_backbone
+
+    with torch.device("meta"):
+        bb = build_backbone(backbone, pretrained=None)
+        feats = bb(torch.zeros(1, 3, 64, 64))
+    assert [tuple(feats[k].shape[-2:]) for k in ("res2", "res3", "res4", "res5")] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    expected = {"resnet": 2048, "swin_tiny": 768, "swin_small": 768, "swin_base": 1024, "swin_large": 1536}
+    for prefix, ch in expected.items():
+        if backbone.startswith(prefix):
+            assert bb.out_channels["res5"] == ch
+
+
+FULL = _distinct((n, (replace(r.model, pretrained=None), dataset_info(r.data).num_classes)) for n, r in ALL
+                if "::" not in n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, cfg_k", FULL, ids=[n for n, _ in FULL])
+def test_full_size_model_builds_on_meta(name, cfg_k):
+    """Every distinct model of the shipped files at its real size and K, on the meta device."""
+    from maskformer_cli.models import build_model
+
+    cfg, k = cfg_k
+    with torch.device("meta"):
+        out = build_model(cfg, k)(torch.zeros(1, 3, 64, 64))
+    if cfg.meta_architecture == "maskformer":
+        assert out.pred_logits.shape == (1, cfg.num_queries, k + 1)
+        assert out.pred_masks.shape == (1, cfg.num_queries, 16, 16)
+    else:
+        assert out.sem_seg_logits.shape == (1, k, 16, 16)

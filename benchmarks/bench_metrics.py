@@ -95,11 +95,9 @@ def ours_from_files(root: Path):
     metric = PanopticMetrics(gt["categories"])
     for ann in gt["annotations"]:
         p = pred[ann["image_id"]]
-        gt_map = rgb2id(np.asarray(Image.open(root / "gt" / ann["file_name"]), dtype=np.uint8))
-        pred_map = rgb2id(np.asarray(Image.open(root / "pred" / p["file_name"]), dtype=np.uint8))
-        metric.update(
-            torch.from_numpy(pred_map), p["segments_info"], torch.from_numpy(gt_map), ann["segments_info"]
-        )
+        gt_map = torch.from_numpy(rgb2id(np.asarray(Image.open(root / "gt" / ann["file_name"]))))
+        pred_map = torch.from_numpy(rgb2id(np.asarray(Image.open(root / "pred" / p["file_name"]))))
+        metric.update(pred_map, p["segments_info"], gt_map, ann["segments_info"])
     return metric.compute()
 
 
@@ -113,17 +111,15 @@ def decoded_rgb(root: Path) -> dict[str, np.ndarray]:
 
 
 def ours_from_rgb(root: Path, rgb: dict[str, np.ndarray]):
-    """Ours on already-decoded PNGs: rgb2id + update (what panopticapi does after decoding)."""
+    """Ours on already-decoded PNGs: colours -> ids + update (what panopticapi does after decoding)."""
     gt = json.loads((root / "gt.json").read_text())
     pred = {a["image_id"]: a for a in json.loads((root / "pred.json").read_text())["annotations"]}
     metric = PanopticMetrics(gt["categories"])
     for ann in gt["annotations"]:
         p = pred[ann["image_id"]]
-        gt_map = rgb2id(rgb[str(root / "gt" / ann["file_name"])])
-        pred_map = rgb2id(rgb[str(root / "pred" / p["file_name"])])
-        metric.update(
-            torch.from_numpy(pred_map), p["segments_info"], torch.from_numpy(gt_map), ann["segments_info"]
-        )
+        gt_map = torch.from_numpy(rgb2id(rgb[str(root / "gt" / ann["file_name"])]))
+        pred_map = torch.from_numpy(rgb2id(rgb[str(root / "pred" / p["file_name"])]))
+        metric.update(pred_map, p["segments_info"], gt_map, ann["segments_info"])
     return metric.compute()
 
 

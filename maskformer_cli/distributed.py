@@ -139,6 +139,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BatchNorm running statistics) from rank `src` to all ranks.
+
+    DDP broadcasts buffers only at the start of each training forward, so after the last step every rank
+    holds the statistics of its own last batch; evaluation and checkpoints must all see rank 0's.
+    """
+    if not _active():
+        return
+    for b in module.buffers():
+        torch.distributed.broadcast(b.data, src)
+
+
 def any_nonfinite(loss: torch.Tensor | float) -> bool:
     """True on EVERY rank when the loss (any element) is NaN/inf on ANY rank, so all ranks skip together.
 

@@ -164,8 +164,7 @@ def semantic_prediction(class_logits, mask_logits, spec: EvalSpec) -> torch.Tens
         return general_inference(class_logits, mask_logits, threshold=spec.general_threshold,
                                  ignore_label=spec.ignore_label)[0]
     if spec.mode == "iterative":
-        return iterative_inference(class_logits, mask_logits, ratio=spec.iterative_ratio,
-                                   ignore_label=spec.ignore_label)
+        return iterative_inference(class_logits, mask_logits, ratio=spec.iterative_ratio)[0].argmax(0)
     return semantic_inference(class_logits, mask_logits).argmax(0)
 
 
@@ -244,6 +243,12 @@ def load_semantic_gt(meta: dict, ignore_label: int) -> torch.Tensor:
     """The original-resolution ground-truth label map of an image, from the dataset's meta."""
     if "sem_seg" in meta:
         return meta["sem_seg"]
+    if "sem_seg_file" not in meta:  # a panoptic dataset: the semantic map is its segments' categories
+        ids, segments = load_panoptic_gt(meta)
+        lut = {int(s["id"]): int(s["category_id"]) for s in segments}
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        labels = torch.tensor([lut.get(int(u), ignore_label) for u in uniq], dtype=torch.int64)
+        return labels[inverse]
     from PIL import Image
 
     with Image.open(meta["sem_seg_file"]) as im:

@@ -330,20 +330,24 @@ def semantic_tta(
     image: torch.Tensor,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    output_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Multi-scale (+ horizontal flip) test-time augmentation for semantic scores (paper Sec. 4.1).
 
     forward_fn: images [B, 3, h, w] -> B per-image scores [K, h, w] at the input size (a tensor
                 [B, K, h, w] or a list), e.g. model + semantic inference + crop_and_resize.
     image:      [3, H, W] float (an integer image is converted to float32 first).
+    output_size: (H_o, W_o) of the result, e.g. the original image size when `image` is the resized test
+                input (default (H, W)).
     For every scale s the image is resized to (round(H*s), round(W*s)) (bilinear, antialiased when
     shrinking), run together with its mirror image when `flip`, and each output is flipped back, resized
-    to (H, W) (bilinear) and averaged: returns [K, H, W]. Scale 1.0 without flip is forward_fn(image[None])[0]
-    exactly: no resize happens at the original size.
+    straight to the output size (bilinear, as detectron2's TTA) and averaged: returns [K, H_o, W_o].
+    Scale 1.0 without flip at the input size is forward_fn(image[None])[0] exactly: no resize happens.
     """
     if not image.is_floating_point():
         image = image.float()
     h, w = image.shape[-2:]
+    target = (h, w) if output_size is None else (int(output_size[0]), int(output_size[1]))
     total: torch.Tensor | None = None
     count = 0
     for s in scales:
@@ -357,8 +361,8 @@ def semantic_tta(
             out = outputs[j]
             if j == 1:
                 out = out.flip(-1)
-            if tuple(out.shape[-2:]) != (h, w):
-                out = F.interpolate(out[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            if tuple(out.shape[-2:]) != target:
+                out = F.interpolate(out[None], size=target, mode="bilinear", align_corners=False)[0]
             total = out.clone() if total is None else total.add_(out)
             count += 1
     if total is None:

@@ -1,7 +1,8 @@
 """Panoptic quality (PQ = SQ x RQ, Kirillov et al.), exactly as panopticapi.evaluation.pq_compute, and PQ-stuff.
 
-Per image, one bincount over the paired (ground-truth segment, predicted segment) indices of all pixels
-gives the intersection of every pair; matching (IoU > 0.5, unique by construction), void and crowd
+Per image, the segment ids of both maps are first compacted to small indices (panopticapi instead
+forms gt_id * 256^3 + pred_id per pixel and sorts them), so one bincount over the paired indices of all
+pixels gives the intersection of every pair; matching (IoU > 0.5, unique by construction), void and crowd
 handling then work on that small matrix with no pixel loops. The rules are panopticapi's:
 - id 0 is void; a pair's union leaves out the prediction's void pixels;
 - crowd ground-truth segments never match and never count as false negatives;
@@ -22,10 +23,9 @@ from typing import Any
 
 import torch
 
-OFFSET = 256 * 256 * 256
-"""panopticapi's combined-id base: segment ids are below 256^3 (RGB-encoded)."""
+from maskformer_cli.metrics import confusion_matrix
 
-# Id maps whose largest id is below this are compacted with a dense lookup table (fast); others by search.
+# Id maps whose largest id is below this are compacted with a dense lookup table; others by hashing.
 _DENSE_LUT_LIMIT = 1 << 20
 
 
@@ -93,7 +93,8 @@ def pq_image_stats(
 
 
 def _compact_ids(id_map: torch.Tensor, segment_ids: Sequence[int]) -> torch.Tensor:
-    """Map segment ids to indices: [N] int32 with 0 = id 0 (void), 1..S = segment_ids[i-1], S+1 = any other id.
+    """Map segment ids to indices: a new [N] int32 tensor with 0 = id 0 (void), 1..S = segment_ids[i-1],
+    S+1 = any other id.
 
     No sorting of pixels: small ids go through a dense lookup table; large ones (COCO's RGB-encoded
     24-bit ids) through a hash table of the few known ids (a xor-fold hash, widened until collision-free),
@@ -143,11 +144,12 @@ def _lookup_hashed(
         packed = torch.full((1 << bits,), -1, dtype=torch.int32, device=flat.device)
         packed[known_slots] = (known << code_bits) | codes
         entry = packed.index_select(0, slot)
-        code = entry & ((1 << code_bits) - 1)
-        lo, hi = torch.aminmax((entry >> code_bits) ^ flat)
-        if int(lo) == 0 and int(hi) == 0:  # the usual case: every id in the map is known
-            return code
-        return torch.where((entry >> code_bits) == flat, code, s + 1)
+        mismatch = torch.bitwise_right_shift(entry, code_bits, out=slot).bitwise_xor_(flat)  # slot is spent
+        lo, hi = torch.aminmax(mismatch)
+        entry.bitwise_and_((1 << code_bits) - 1)
+        if int(lo) != 0 or int(hi) != 0:  # some id of the map is not a segment: code S+1
+            entry.masked_fill_(mismatch != 0, s + 1)
+        return entry
     code_lut = torch.full((1 << bits,), s + 1, dtype=torch.int32, device=flat.device)
     key_lut = torch.full((1 << bits,), -1, dtype=torch.int32, device=flat.device)
     code_lut[known_slots] = codes
@@ -157,9 +159,9 @@ def _lookup_hashed(
 
 def _fold_hash(ids: torch.Tensor, bits: int) -> torch.Tensor:
     """Xor of the `bits`-wide pieces of non-negative int32 ids: a slot in 0..2^bits-1."""
-    h = ids ^ (ids >> bits)
-    h = h ^ (h >> (2 * bits))
-    return h & ((1 << bits) - 1)
+    h = (ids >> bits).bitwise_xor_(ids)
+    h.bitwise_xor_(h >> (2 * bits))
+    return h.bitwise_and_((1 << bits) - 1)
 
 
 class _PQAccumulator:
@@ -289,9 +291,7 @@ class PanopticMetrics(_PQAccumulator):
         g, p = len(gt_ids), len(pred_ids)
         gi = _compact_ids(gt_pan, gt_ids)
         pi = _compact_ids(pred_pan, pred_ids)
-        counts = torch.bincount(torch.add(pi, gi, alpha=p + 2), minlength=(g + 2) * (p + 2)).view(
-            g + 2, p + 2
-        )
+        counts = torch.bincount(gi.mul_(p + 2).add_(pi), minlength=(g + 2) * (p + 2)).view(g + 2, p + 2)
         if int(counts[:, p + 1].sum()) > 0:
             raise ValueError("the predicted map has segment ids that are not in pred_segments")
         if p and bool((counts[:, 1 : p + 1].sum(0) == 0).any()):
@@ -326,23 +326,16 @@ class PQStuffMetrics(_PQAccumulator):
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add one image: pred [H, W] and gt [H, W] integer label maps."""
-        if pred.shape != gt.shape:
-            raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
         k = self.num_classes
-        # Panoptic form: segment id = class + 1, void = 0; then a (K+1)^2 bincount is the pair matrix.
-        g = gt.reshape(-1).to(torch.int32)
-        p = pred.reshape(-1).to(torch.int32)
-        g = torch.where(g == self.ignore_label, -1, g)
-        lo, hi = torch.aminmax(g)
-        if int(lo) < -1 or int(hi) >= k:
-            raise ValueError(f"ground truth has labels outside 0..{k - 1} that are not the ignore label")
-        p = torch.where((p < 0) | (p >= k), -1, p)
-        counts = torch.bincount((g + 1) * (k + 1) + (p + 1), minlength=(k + 1) ** 2).view(k + 1, k + 1)
-        gt_classes = (counts[1:].sum(1) > 0).nonzero().flatten()
-        pred_classes = (counts[:, 1:].sum(0) > 0).nonzero().flatten()
-        zero = torch.zeros(1, dtype=torch.int64, device=counts.device)
-        inter = counts.index_select(0, torch.cat([zero, gt_classes + 1]))
-        inter = inter.index_select(1, torch.cat([zero, pred_classes + 1]))
+        # Panoptic form: one segment per class present, void = the ignore label; the confusion matrix
+        # (row / column K = void) is then the pair-intersection matrix, once void is moved first.
+        counts = confusion_matrix(pred, gt, k, self.ignore_label)
+        gt_classes = (counts[:k].sum(1) > 0).nonzero().flatten()
+        pred_classes = (counts[:, :k].sum(0) > 0).nonzero().flatten()
+        void = torch.full((1,), k, dtype=torch.int64, device=counts.device)
+        inter = counts.index_select(0, torch.cat([void, gt_classes])).index_select(
+            1, torch.cat([void, pred_classes])
+        )
         inter = torch.cat([inter, inter.new_zeros((1, inter.shape[1]))])  # no ids outside the segment list
         crowd = torch.zeros(gt_classes.numel(), dtype=torch.bool)
         self._add(pq_image_stats(inter, gt_classes, crowd, pred_classes, k))

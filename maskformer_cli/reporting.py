@@ -28,8 +28,9 @@ class Logger:
     On other ranks every method is a no-op, so callers need no `if is_main` around logging.
     """
 
-    def __init__(self, run_dir: Path | None, enabled: bool = True):
+    def __init__(self, run_dir: Path | None, enabled: bool = True, quiet: bool = False):
         self.enabled = enabled and run_dir is not None
+        self.quiet = quiet  # files are still written; only the console stays silent
         self.run_dir = run_dir
         self._progress: Progress | None = None
         self._task = None
@@ -62,7 +63,7 @@ class Logger:
 
     # ------------------------------------------------------------------------------------------ console
     def start(self, total: int, completed: int = 0, description: str = "train") -> None:
-        if not self.enabled or not is_tty():
+        if not self.enabled or self.quiet or not is_tty():
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -73,7 +74,7 @@ class Logger:
         self._task = self._progress.add_task(description, total=total, completed=completed, info="")
 
     def advance(self, step: int, info: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self.quiet:
             return
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
@@ -82,7 +83,7 @@ class Logger:
             console.print(f"step {step}: {info}", highlight=False)
 
     def print(self, *args: Any) -> None:
-        if self.enabled:
+        if self.enabled and not self.quiet:
             console.print(*args, highlight=False)
 
     def stop(self) -> None:

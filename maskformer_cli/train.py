@@ -153,6 +153,17 @@ def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
     return skipped
 
 
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """A position-weighted sum of every parameter and float buffer: equal for identical replicas, different otherwise."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate([*model.parameters(), *model.buffers()]):
+        if not p.is_floating_point():
+            continue
+        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device) % 9973 + i
+        total += (p.detach().double().flatten() * w).sum().cpu()
+    return float(total)
+
+
 def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
           exist_ok: bool = False, device: torch.device | str = "cpu", stop_after: int | None = None,
           quiet: bool = False) -> TrainResult:
@@ -165,7 +176,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     if main:
         _prepare_run_dir(run_dir, resume, exist_ok)
     dist.barrier()
-    log = Logger(run_dir, enabled=main and not quiet)
+    log = Logger(run_dir, enabled=main, quiet=quiet)
     if s.batch_size % (world * s.grad_accum):
         raise UserError(f"solver.batch_size={s.batch_size} is not divisible by world size {world} x "
                         f"grad_accum {s.grad_accum}")
@@ -221,6 +232,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     spec = eval_spec(recipe, info)
 
     def run_eval(step: int) -> dict[str, Any]:
+        dist.broadcast_buffers(model)
         eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
         t0 = time.perf_counter()
         metrics = evaluate(ddp_model, eval_loader, spec, device=device, precision=s.precision,
@@ -236,6 +248,13 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
 
     def checkpoint(step: int, is_best: bool) -> None:
         rngs = dist.all_gather_object(capture_rng_state())
+        dist.broadcast_buffers(model)
+        extra = {}
+        if world > 1:  # DDP keeps replicas identical; a checksum per rank catches any divergence
+            sums = dist.all_gather_object(parameter_checksum(model))
+            extra["ddp_params_identical"] = all(x == sums[0] for x in sums)
+            if not extra["ddp_params_identical"]:
+                log.print(f"[red]step {step}: parameters differ across ranks: {sums}")
         if not main:
             return
         manager.save(step, {
@@ -244,7 +263,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
             "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs,
             "sampler": {"position": step * per_rank * s.grad_accum}, "best_metric": best,
             "recipe": to_dict(recipe), "classes": list(info.classes), "dataset": info.name,
-            "thing_ids": list(info.thing_ids), "ignore_label": info.ignore_label,
+            "thing_ids": list(info.thing_ids), "ignore_label": info.ignore_label, **extra,
         }, is_best=is_best)
 
     metrics: dict[str, Any] = {}

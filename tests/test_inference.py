@@ -387,3 +387,8 @@ def test_tta_scales_resize_in_and_back():
     assert seen == [(2, 3, 10, 15), (2, 3, 20, 30), (2, 3, 30, 45)]
     torch.testing.assert_close(out, pointwise(image[None])[0], atol=1e-5, rtol=1e-5)
     assert out.shape == (4, 20, 30)
+    # Straight to the original size: every run's output is resized once, to output_size.
+    fwd3 = _conv_forward(3)
+    out = semantic_tta(fwd3, image, scales=(1.0,), output_size=(41, 57))
+    ref = F.interpolate(fwd3(image[None]), size=(41, 57), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(out, ref)

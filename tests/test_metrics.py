@@ -507,13 +507,35 @@ def test_miou_rejects_bad_labels():
     assert math.isnan(SemanticMetrics(3).compute()["mIoU"])
 
 
-def test_miou_negative_ignore_label_and_negative_predictions():
+@pytest.mark.parametrize("ignore", [-1, 65535])
+def test_miou_other_ignore_labels_and_negative_predictions(ignore):
     k = 5
     preds, gts = _semantic_samples(k, 255, void_preds=True, seed=7)
-    a, b = SemanticMetrics(k, 255), SemanticMetrics(k, -1)
+    a, b = SemanticMetrics(k, 255), SemanticMetrics(k, ignore)
     for pred, gt in zip(preds, gts, strict=True):
         a.update(torch.from_numpy(pred), torch.from_numpy(gt))
         b.update(
-            torch.from_numpy(np.where(pred == 255, -3, pred)), torch.from_numpy(np.where(gt == 255, -1, gt))
+            torch.from_numpy(np.where(pred == 255, -3, pred)),
+            torch.from_numpy(np.where(gt == 255, ignore, gt)),
         )
     assert torch.equal(a.state(), b.state())
+    with pytest.raises(ValueError, match="outside"):
+        b.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[ignore, 6], [0, 1]]))
+
+
+@pytest.mark.parametrize("id_range", [1 << 10, 1 << 24, 1 << 30, 1 << 40])
+@pytest.mark.parametrize("with_unknown", [False, True])
+def test_segment_id_compaction_equals_dict_lookup(id_range, with_unknown):
+    """Every lookup path (dense table, packed hash, two-table hash, sorted search) against a dict."""
+    from maskformer_cli.metrics_panoptic import _compact_ids
+
+    rng = np.random.default_rng(id_range % 1000 + with_unknown)
+    ids = [int(v) for v in rng.choice(np.arange(1, id_range, max(1, id_range // 10**6)), 12, replace=False)]
+    known, unknown = ids[:9], ids[9:]
+    pool = np.array([0, *known, *(unknown if with_unknown else [])], dtype=np.int64)
+    id_map = pool[rng.integers(0, len(pool), (17, 23))]
+    out = _compact_ids(torch.from_numpy(id_map), known)
+    code = {0: 0, **{sid: i + 1 for i, sid in enumerate(known)}}
+    ref = [code.get(int(v), len(known) + 1) for v in id_map.reshape(-1)]
+    assert out.dtype == torch.int32 and out.tolist() == ref
+    assert (out == len(known) + 1).any() == with_unknown

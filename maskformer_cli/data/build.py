@@ -40,13 +40,18 @@ def dataset_dir(info: DatasetInfo, data: DataConfig) -> Path:
 
 
 def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
-    """The prepared dataset's directory; the embedded synthetic set is generated on first use."""
+    """The prepared dataset's directory; the embedded synthetic set is generated on first use, and again
+    when the recipe asks for other generation parameters than the ones on disk."""
     path = dataset_dir(info, data)
-    if info.name == "synthetic" and not (path / ".maskformer_prepared.json").exists():
+    if info.name == "synthetic":
+        from maskformer_cli.data.staging import stamp_entry
         from maskformer_cli.data.synthetic import generate_synthetic
 
-        generate_synthetic(path, num_classes=data.synthetic_num_classes, num_images=data.synthetic_num_images,
-                           size=data.synthetic_size, seed=data.synthetic_seed)
+        want = {"num_classes": data.synthetic_num_classes, "num_images": data.synthetic_num_images,
+                "size": data.synthetic_size, "seed": data.synthetic_seed}
+        entry = stamp_entry(path, "synthetic") if path.exists() else None
+        if entry is None or {k: entry.get("params", {}).get(k) for k in want} != want:
+            generate_synthetic(path, **want)
     if not path.exists():
         name = info.name.replace("_", "-")
         raise UserError(f"dataset '{name}' not found at {path}: run `maskformer prepare-data {name}` "
@@ -91,7 +96,7 @@ def build_train_loader(data: DataConfig, info: DatasetInfo, *, batch_size: int, 
                        world_size: int, start_position: int = 0, task: str | None = None) -> DataLoader:
     """Infinite training loader for this rank; `batch_size` is per rank and per micro-batch."""
     root = ensure_prepared(info, data)
-    ds = build_dataset(info, root, data.train_split, task or data.task, build_transforms(data, train=True),
+    ds = build_dataset(info, datasets_root(data.root), data.train_split, task or data.task, build_transforms(data, train=True),
                        skip_bad=True)
     if len(ds) == 0:
         raise UserError(f"no training images in {root} (split '{data.train_split}')")
@@ -109,7 +114,7 @@ def build_eval_loader(data: DataConfig, info: DatasetInfo, *, split: str | None 
                       num_workers: int | None = None) -> DataLoader:
     """This rank's exact shard of a split, with the test-time resize; no padded duplicates."""
     root = ensure_prepared(info, data)
-    ds = build_dataset(info, root, split or data.val_split, task or data.task,
+    ds = build_dataset(info, datasets_root(data.root), split or data.val_split, task or data.task,
                        build_transforms(data, train=False))
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))

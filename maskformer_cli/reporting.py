@@ -180,6 +180,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, colors: list[tuple[int, int, 
     if boundaries is not None:
         blend[boundaries] = 255
     canvas_img = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    if min(canvas_img.size) < 256:  # small images (the embedded set) are hard to see at 1:1
+        k = -(-256 // min(canvas_img.size))
+        canvas_img = canvas_img.resize((canvas_img.width * k, canvas_img.height * k), Image.NEAREST)
     present = [int(c) for c in np.unique(labels) if ignore_label is None or c != ignore_label]
     present = [c for c in present if 0 <= c < len(names)]
     row_h = 14
@@ -238,3 +241,25 @@ def plot_curves(run_dir: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def save_prediction_overlay(pred: dict, meta: dict, classes: list[str], colors: list[tuple[int, int, int]],
+                            path: Path, ignore_label: int = 255) -> None:
+    """Overlay of one evaluated image: the panoptic prediction (segment outlines) when present, else the
+    semantic map, beside the ground truth when it is at hand."""
+    from PIL import Image, ImageOps
+
+    with Image.open(meta["file_name"]) as im:
+        image = np.array(ImageOps.exif_transpose(im).convert("RGB"))
+    if "panoptic" in pred:
+        pan, segments = pred["panoptic"]
+        ids = pan.cpu().numpy()
+        labels = np.full(ids.shape, ignore_label, np.int64)
+        for seg in segments:
+            labels[ids == seg["id"]] = seg["category_id"]
+        out = overlay(image, labels, colors, classes, ignore_label=ignore_label, boundaries=segment_boundaries(ids))
+    else:
+        labels = pred["sem_seg"].cpu().numpy()
+        out = overlay(image, labels, colors, classes, ignore_label=ignore_label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)

@@ -35,7 +35,7 @@ from maskformer_cli.engine import EvalSpec, evaluate, train_step, unwrap
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
-from maskformer_cli.reporting import Logger, metrics_table, plot_curves
+from maskformer_cli.reporting import Logger, metrics_table, plot_curves, save_prediction_overlay
 
 
 def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_from: Path | None, gpus: int,
@@ -230,13 +230,22 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     task = recipe.data.task
     metric_name = primary_metric(task)
     spec = eval_spec(recipe, info)
+    colors = [info.color(i) for i in range(info.num_classes)]
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, num_overlays: int = 0) -> dict[str, Any]:
         dist.broadcast_buffers(model)
         eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
+        shown: list[int] = []
+
+        def draw(pred: dict, meta: dict) -> None:  # a few pictures of the final model, rank 0 only
+            if main and len(shown) < num_overlays:
+                shown.append(1)
+                save_prediction_overlay(pred, meta, list(info.classes), colors,
+                                        run_dir / "vis" / f"{Path(meta['file_name']).stem}.png", info.ignore_label)
+
         t0 = time.perf_counter()
         metrics = evaluate(ddp_model, eval_loader, spec, device=device, precision=s.precision,
-                           class_names=info.classes)
+                           class_names=info.classes, on_prediction=draw)
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if main:
             per_class = metrics.pop("per_class", None)
@@ -303,7 +312,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                 last = step == s.max_iters
                 is_best = False
                 if step % s.eval_every == 0 or last:
-                    metrics = run_eval(step)
+                    metrics = run_eval(step, num_overlays=6 if last else 0)
                     value = metrics.get(metric_name)
                     if value is not None and (best is None or value > best):
                         best, is_best = value, True

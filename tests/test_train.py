@@ -50,6 +50,7 @@ def test_run_directory_explains_itself(tmp_path, data_root):
     for name in ("config.yaml", "env.json", "metrics.jsonl", "results.csv", "checkpoints/last.pt",
                  "eval/step_00000003.json"):
         assert (run / name).exists(), name
+    assert len(list((run / "vis").glob("*.png"))) == 4  # the val split of 20 images has 4
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
     records = read_jsonl(run / "metrics.jsonl")
@@ -213,3 +214,34 @@ def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
         for key, value in report[name]["metrics"].items():
             if key in single and key != "eval_seconds":
                 assert single[key] == pytest.approx(value, abs=1e-9), (name, key)
+
+
+def test_init_from_reinitialises_only_the_class_head(tmp_path, data_root):
+    """Fine-tuning on a dataset with another class count keeps every weight but the classifier."""
+    src = train(tiny(data_root, "solver.max_iters=1"), run_dir=tmp_path / "src", quiet=True)
+    ckpt = src.run_dir / "checkpoints/last.pt"
+    other = tiny(data_root, "solver.max_iters=1", "data.synthetic_num_classes=4", "solver.lr=1e-12")
+    res = train(other, run_dir=tmp_path / "dst", init_from=ckpt, quiet=True)
+    a = torch.load(ckpt, weights_only=True)["model"]
+    b = torch.load(res.run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    differ = sorted(k for k in a if a[k].shape != b[k].shape)
+    assert differ and all("class" in k for k in differ)
+    same = [k for k in a if a[k].shape == b[k].shape and a[k].is_floating_point() and "running" not in k]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in same)
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden_loss.json"
+
+
+def test_golden_loss_curve(tmp_path, data_root):
+    """A fixed tiny recipe reproduces the recorded loss curve (catches silent changes to model, matcher,
+    losses, data or augmentation). Regenerate with MASKFORMER_UPDATE_GOLDEN=1 after an intended change."""
+    recipe = tiny(data_root, "solver.max_iters=6", "solver.seed=1", "solver.deterministic=true")
+    res = train(recipe, run_dir=tmp_path / "g", quiet=True)
+    losses = [r["loss"] for r in read_jsonl(res.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    if os.environ.get("MASKFORMER_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__, "losses": losses}, indent=1))
+    golden = json.loads(GOLDEN.read_text())
+    assert losses == pytest.approx(golden["losses"], rel=1e-3)
+    assert losses[-1] < losses[0]

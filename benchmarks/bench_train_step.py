@@ -1,0 +1,134 @@
+"""One MaskFormer training step, ours vs transformers' MaskFormerForInstanceSegmentation, same run.
+
+A step = forward, Hungarian matching, losses with deep supervision, backward, AdamW step. Both models use
+the same configuration (ResNet-50 with trainable BatchNorm as HF has it, FPN 256, 6 decoder layers,
+100 queries, 150 classes) and the same weights (HF's, converted). Prints seconds per step, the ratio, and
+the matcher's share of our step.
+
+    python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def make_targets(batch: int, size: int, num_classes: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        m = int(torch.randint(3, 12, (1,), generator=g))
+        seg = torch.randint(0, m, (size // 16, size // 16), generator=g)
+        seg = torch.nn.functional.interpolate(seg[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+        classes = torch.randperm(num_classes, generator=g)[:m]
+        masks = torch.stack([seg == i for i in range(m)])
+        keep = masks.flatten(1).any(1)
+        out.append((classes[keep].to(device), masks[keep].to(device)))
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, device) -> list[float]:
+    fn()  # warm-up (allocations, cudnn autotune)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    K = 150
+
+    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
+
+    from maskformer_cli import matcher as matcher_mod
+    from maskformer_cli.config import load_recipe
+    from maskformer_cli.criterion import build_criterion
+    from maskformer_cli.models import build_model, normalize
+    from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+    from maskformer_cli.structures import Target
+
+    torch.manual_seed(0)
+    hf_cfg = MaskFormerConfig(backbone_config=ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"]),
+                              num_labels=K, id2label={i: str(i) for i in range(K)},
+                              label2id={str(i): i for i in range(K)})
+    hf = MaskFormerForInstanceSegmentation(hf_cfg)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        state, _ = load_checkpoint_weights(d)
+    recipe = load_recipe(None, ["model.backbone_norm=bn", "solver.clip_grad=0.0"])
+    ours = build_model(recipe.model, K)
+    load_into(ours, state)
+    criterion = build_criterion(recipe, K)
+    hf.to(device).train()
+    ours.to(device).train()
+
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device) * 255
+    targets = make_targets(args.batch, args.size, K, device)
+    ours_targets = [Target(classes=c, masks=m) for c, m in targets]
+    hf_labels = [c for c, _ in targets]
+    hf_masks = [m.float() for _, m in targets]
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    matcher_time = [0.0]
+    real_call = matcher_mod.HungarianMatcher.__call__
+
+    def timed_match(self, *a, **kw):
+        sync(device)
+        t = time.perf_counter()
+        r = real_call(self, *a, **kw)
+        sync(device)
+        matcher_time[0] += time.perf_counter() - t
+        return r
+
+    matcher_mod.HungarianMatcher.__call__ = timed_match
+
+    def step_ours():
+        opt_ours.zero_grad(set_to_none=True)
+        loss = criterion.weighted_total(criterion(ours(normalize(x)), ours_targets))
+        loss.backward()
+        opt_ours.step()
+
+    def step_hf():
+        opt_hf.zero_grad(set_to_none=True)
+        pixel_values = (x / 255 - torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]) / torch.tensor(
+            [0.229, 0.224, 0.225], device=device)[:, None, None]
+        out = hf(pixel_values=pixel_values, mask_labels=hf_masks, class_labels=hf_labels)
+        out.loss.backward()
+        opt_hf.step()
+
+    t_hf = timed(step_hf, args.steps, device)
+    matcher_time[0] = 0.0
+    t_ours = timed(step_ours, args.steps, device)
+    share = matcher_time[0] / sum(t_ours)
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"batch {args.batch}, {args.size}x{args.size}, ResNet-50, 100 queries, 6 decoder layers, 150 classes")
+    print(f"transformers : {m_hf:.3f} s/step  (runs: {', '.join(f'{t:.3f}' for t in t_hf)})")
+    print(f"maskformer   : {m_ours:.3f} s/step  (runs: {', '.join(f'{t:.3f}' for t in t_ours)})")
+    print(f"speed-up     : {m_hf / m_ours:.2f}x   matcher share of our step: {100 * share:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -141,10 +141,16 @@ def train(
     gpus: Annotated[int, typer.Option(help="Relaunch under torchrun with this many GPUs (0: run in place).")] = 0,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default output_dir/name).")] = None,
     exist_ok: Annotated[bool, typer.Option(help="Allow writing into an existing run directory.")] = False,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | bf16 | fp16 (fp16 uses a grad scaler); same as solver.precision=.")
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
     run_train = _command("train", "run_train", "train", "issue #4")
+    if precision is not None:
+        # One name per idea: the flag is a shorthand for the recipe key, validated by the config loader.
+        overrides = [*(overrides or []), f"solver.precision={precision}"]
     run_train(
         recipe,
         overrides or [],

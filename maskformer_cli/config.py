@@ -152,7 +152,12 @@ class SolverConfig:
     batch_size: int = 16
     """Global batch (over all ranks and accumulation steps)."""
     grad_accum: int = 1
+    lr_schedule: Literal["poly", "step"] = "poly"
+    """'poly' (paper Sec. 4) or 'step' (DETR's schedule, which the reference uses for COCO panoptic)."""
     poly_power: float = 0.9
+    lr_steps: tuple[int, ...] = ()
+    """Iterations where the 'step' schedule multiplies the learning rate by `lr_gamma`."""
+    lr_gamma: float = 0.1
     warmup_iters: int = 0
     warmup_factor: float = 1.0
     clip_grad: float = 0.01
@@ -330,13 +335,23 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}hidden_dim: {obj.hidden_dim} is not divisible by nheads={obj.nheads}")
         if not 0.0 <= obj.dropout < 1.0:
             raise ConfigError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+        # The pixel decoder normalises with GroupNorm(32 groups), as the paper's FPN does.
+        if obj.conv_dim % 32:
+            raise ConfigError(f"{prefix}conv_dim: must be a multiple of 32 (GroupNorm with 32 groups), "
+                              f"got {obj.conv_dim}")
     if isinstance(obj, DataConfig):
         if obj.min_scale <= 0 or obj.max_scale < obj.min_scale:
             raise ConfigError(f"{prefix}min_scale/max_scale: need 0 < min_scale <= max_scale")
         if any(s <= 0 for s in obj.crop_size):
             raise ConfigError(f"{prefix}crop_size: must be positive, got {obj.crop_size}")
-    if isinstance(obj, SolverConfig) and obj.lr <= 0:
-        raise ConfigError(f"{prefix}lr: must be > 0, got {obj.lr}")
+    if isinstance(obj, SolverConfig):
+        if obj.lr <= 0:
+            raise ConfigError(f"{prefix}lr: must be > 0, got {obj.lr}")
+        if obj.lr_schedule == "step":
+            steps = list(obj.lr_steps)
+            if not steps or steps != sorted(steps) or steps[0] <= 0 or steps[-1] >= obj.max_iters:
+                raise ConfigError(f"{prefix}lr_steps: the step schedule needs increasing iterations in "
+                                  f"(0, max_iters={obj.max_iters}), got {steps}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -53,6 +53,9 @@ class StepResult:
     losses: dict[str, float]
     grad_norm: float
     skipped: bool
+    overflow: bool = False
+    """fp16 only: the grad scaler found inf/NaN gradients and skipped the step itself (routine while it
+    calibrates its scale); not counted by the non-finite policy."""
 
 
 def train_step(
@@ -107,11 +110,20 @@ def train_step(
     else:
         grads = [p.grad.detach().norm() for p in params if p.grad is not None]
         grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-    nonfinite = nonfinite or not math.isfinite(grad_norm)
-    if dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device)):
+    # The loss differs per rank, so its verdict is agreed by a collective; gradients are already
+    # all-reduced by DDP, so every rank sees the same grad norm.
+    loss_bad = dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device))
+    grad_bad = not math.isfinite(grad_norm)
+    if scaler is not None and grad_bad and not loss_bad:
+        # fp16 overflow: the scaler skips the update and lowers its scale; a routine event, not a bad step.
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=True, overflow=True)
+    if loss_bad or grad_bad:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.update()  # lets the fp16 scaler back off after an overflow
+            scaler.update()
         return StepResult(total=float("nan"), losses=named, grad_norm=grad_norm, skipped=True)
     if scaler is not None:
         scaler.step(optimizer)

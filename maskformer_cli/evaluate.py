@@ -13,7 +13,13 @@ import torch
 
 from maskformer_cli import distributed as dist
 from maskformer_cli.errors import UserError
-from maskformer_cli.reporting import console, metrics_table, per_class_table, progress_bar, write_per_class_csv
+from maskformer_cli.reporting import (
+    console,
+    metrics_table,
+    per_class_table,
+    progress_bar,
+    write_per_class_csv,
+)
 
 METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
 INFERENCE = ("semantic", "general", "iterative", "panoptic")
@@ -135,7 +141,7 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     from PIL import Image
 
     from maskformer_cli.data.catalog import datasets_root, get_dataset_info
-    from maskformer_cli.engine import Evaluator, EvalSpec
+    from maskformer_cli.engine import EvalSpec, Evaluator
 
     info = get_dataset_info(dataset)
     base = Path(info.root) if info.root else datasets_root() / info.dirname
@@ -190,9 +196,9 @@ def _find_prediction(pred_dir: Path, stem: str) -> Path | None:
 
 
 def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split: str, limit: int | None):
-    from PIL import Image
-
-    from maskformer_cli.engine import Evaluator, EvalSpec
+    from maskformer_cli.data.datasets import read_panoptic_ids
+    from maskformer_cli.data.prefetch import prefetched
+    from maskformer_cli.engine import EvalSpec, Evaluator
 
     _, gt_json, gt_png_dir = info.panoptic[split]
     gt = json.loads((base / gt_json).read_text())
@@ -201,11 +207,6 @@ def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split
     ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=info.num_classes, thing_ids=tuple(info.thing_ids)),
                    info.classes)
 
-    def read_ids(path: Path) -> torch.Tensor:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB")).astype(np.int64)
-        return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
-
     def segs(ann: dict) -> list[dict]:
         out = []
         for s in ann["segments_info"]:
@@ -213,11 +214,19 @@ def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split
             out.append({**s, "category_id": cid})
         return out
 
-    for ann in gt["annotations"][:limit]:
-        pred = preds.get(ann["file_name"])
-        if pred is None:
-            raise UserError(f"{pan_json}: no prediction for {ann['file_name']}")
-        ev.update_panoptic(read_ids(pred_dir / "panoptic" / pred["file_name"]), segs(pred),
-                           read_ids(base / gt_png_dir / ann["file_name"]), segs(ann))
+    anns = gt["annotations"][:limit]
+    missing = [a["file_name"] for a in anns if a["file_name"] not in preds]
+    if missing:
+        raise UserError(f"{pan_json}: no prediction for {len(missing)} image(s): {', '.join(missing[:5])}"
+                        + (" ..." if len(missing) > 5 else ""))
+
+    def read_pair(ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = preds[ann["file_name"]]
+        return (read_panoptic_ids(pred_dir / "panoptic" / pred["file_name"]),
+                read_panoptic_ids(base / gt_png_dir / ann["file_name"]))
+
+    # PNG decoding dominates: decode ahead in threads while the metric update runs here.
+    for ann, (pred_ids, gt_ids) in zip(anns, prefetched(read_pair, anns), strict=True):
+        ev.update_panoptic(pred_ids, segs(preds[ann["file_name"]]), gt_ids, segs(ann))
         ev.num_images += 1
     return ev.compute()

@@ -1,4 +1,4 @@
-"""AdamW with per-parameter hyper-parameters, the poly learning-rate schedule, and full-model clipping.
+"""AdamW with per-parameter hyper-parameters, the poly (or step) learning-rate schedule, full-model clipping.
 
 Paper Sec. 4: AdamW, poly schedule (power 0.9), backbone learning rate x0.1 for CNN backbones (x1.0 for
 Swin), weight decay 1e-4 (0.01 for Swin); the reference also exempts normalisation layers, embeddings and
@@ -7,8 +7,9 @@ Swin's position tables from weight decay and clips the gradient norm of the whol
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -142,16 +143,46 @@ def poly_lr_lambda(
     return factor
 
 
+def step_lr_lambda(
+    steps: Sequence[int], gamma: float = 0.1, warmup_iters: int = 0, warmup_factor: float = 1.0
+) -> Callable[[int], float]:
+    """Learning-rate multiplier of detectron2's WarmupMultiStepLR: gamma ** (number of steps <= it).
+
+    The same linear warmup as `poly_lr_lambda`. `steps` must be increasing.
+    """
+    steps = tuple(int(s) for s in steps)
+    if list(steps) != sorted(steps):
+        raise ValueError(f"lr_steps must be increasing, got {list(steps)}")
+
+    def factor(it: int) -> float:
+        if it < warmup_iters:
+            alpha = it / warmup_iters
+            warm = warmup_factor * (1.0 - alpha) + alpha
+        else:
+            warm = 1.0
+        return warm * gamma ** bisect.bisect_right(steps, it)
+
+    return factor
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, solver_cfg: SolverConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration poly schedule; call `scheduler.step()` once per optimizer step."""
-    fn = poly_lr_lambda(
-        solver_cfg.max_iters,
-        power=solver_cfg.poly_power,
-        warmup_iters=solver_cfg.warmup_iters,
-        warmup_factor=solver_cfg.warmup_factor,
-    )
+    """Per-iteration schedule (poly or step); call `scheduler.step()` once per optimizer step."""
+    if solver_cfg.lr_schedule == "step":
+        fn = step_lr_lambda(
+            solver_cfg.lr_steps,
+            gamma=solver_cfg.lr_gamma,
+            warmup_iters=solver_cfg.warmup_iters,
+            warmup_factor=solver_cfg.warmup_factor,
+        )
+    else:
+        fn = poly_lr_lambda(
+            solver_cfg.max_iters,
+            power=solver_cfg.poly_power,
+            warmup_iters=solver_cfg.warmup_iters,
+            warmup_factor=solver_cfg.warmup_factor,
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

@@ -102,7 +102,12 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
 def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, device: torch.device) -> dict:
     from pycocotools import mask as mask_utils
 
-    from maskformer_cli.inference import crop_and_resize, instance_inference, panoptic_inference, semantic_inference
+    from maskformer_cli.inference import (
+        crop_and_resize,
+        instance_inference,
+        panoptic_inference,
+        semantic_inference,
+    )
     from maskformer_cli.models import normalize
     from maskformer_cli.structures import PerPixelOutput
 

@@ -8,12 +8,22 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 console = Console(stderr=True)
 
@@ -169,7 +179,7 @@ def colorize(labels: np.ndarray, colors: list[tuple[int, int, int]], ignore_labe
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, colors: list[tuple[int, int, int]], names: list[str],
-            ignore_label: int | None = None, alpha: float = 0.55, boundaries: np.ndarray | None = None) -> "Image":
+            ignore_label: int | None = None, alpha: float = 0.55, boundaries: np.ndarray | None = None) -> Image.Image:
     """Image blended with the colored label map, with a legend of the classes present on the right."""
     from PIL import Image, ImageDraw
 

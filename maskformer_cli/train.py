@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,10 +289,16 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                 skipped_samples += sum(b.num_skipped for b in micro)
                 res = train_step(ddp_model, criterion, optimizer, micro, device=device, precision=s.precision,
                                  scaler=scaler, clip_grad=s.clip_grad, clip_fn=clip_grad_norm_full_model)
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # A skipped first step triggers torch's "scheduler before optimizer" warning; the
+                    # schedule follows the iteration count whether or not the step was applied.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
                 step += 1
                 imgs_since += per_rank * s.grad_accum * world
-                if res.skipped:
+                if res.overflow:
+                    pass  # fp16 grad scaler calibrating its scale; it has already adjusted
+                elif res.skipped:
                     bad += 1
                     log.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped ({bad} in a row)")
                     if bad > s.max_bad_steps:

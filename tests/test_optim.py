@@ -153,6 +153,31 @@ def test_poly_schedule_matches_closed_form(warmup_iters: int, warmup_factor: flo
     assert sched2.last_epoch == max_iters
 
 
+def test_step_schedule_drops_by_gamma_at_each_step() -> None:
+    # detectron2's WarmupMultiStepLR (the reference's COCO panoptic schedule): lr * gamma^(#steps <= it)
+    base_lr, steps = 1e-2, (4, 7)
+    cfg = SolverConfig(lr=base_lr, max_iters=10, lr_schedule="step", lr_steps=steps, lr_gamma=0.1,
+                       warmup_iters=2, warmup_factor=0.5)
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=base_lr)
+    sched = build_scheduler(opt, cfg)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.5, 0.75, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01]
+    assert seen == pytest.approx([base_lr * w for w in want], rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [(), (5, 3), (0,), (10,)])
+def test_step_schedule_rejects_bad_steps(steps: tuple[int, ...]) -> None:
+    from maskformer_cli.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="lr_steps"):
+        load_recipe(None, ["solver.max_iters=10", "solver.lr_schedule=step", f"solver.lr_steps={list(steps)}"])
+
+
 def _make_grads(seed: int, scale: float) -> list[nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.zeros(s)) for s in [(3, 4), (7,), (2, 2, 2), (5,)]]

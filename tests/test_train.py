@@ -122,6 +122,9 @@ VARIANTS = {
     "six_enc": ["model.pixel_decoder=transformer_encoder_fpn", "model.encoder_layers=1"],
     "point_loss": ["loss.num_points=64"],
     "grad_accum": ["solver.grad_accum=2", "solver.batch_size=4"],
+    # CPU autocast; on a GPU the same code paths run under CUDA autocast (fp16 with the grad scaler)
+    "bf16": ["solver.precision=bf16"],
+    "fp16": ["solver.precision=fp16"],
 }
 
 
@@ -181,8 +184,8 @@ dist.cleanup()
 @pytest.mark.distributed
 def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
     """2 ranks on gloo: parameters identical across ranks, eval metrics equal a single-process evaluation."""
-    from maskformer_cli.engine import evaluate
     from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.engine import evaluate
     from maskformer_cli.train import eval_spec
     from maskformer_cli.weights import load_for_inference
 

@@ -94,7 +94,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str
     """Copy `state_dict` into `model`, strictly: any missing or unexpected key, or a shape mismatch, raises
     a UserError listing the offending keys (the first 20 and the count). Numpy arrays are accepted."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    # BatchNorm's step counter is bookkeeping, not a weight (it only matters with momentum=None), and
+    # most released checkpoints omit it: keep the model's own value when it is absent.
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     problems = []
     if missing:
@@ -114,6 +116,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str
         problems.append(f"{len(wrong)} shape mismatch(es): {_preview(wrong)}")
     if problems:
         raise UserError(f"{source}: the weights do not fit the model: " + "; ".join(problems))
+    for k in own:
+        if k not in tensors and k.endswith("num_batches_tracked"):
+            tensors[k] = own[k]
     model.load_state_dict(tensors, strict=True)
 
 

@@ -1,7 +1,7 @@
 """`maskformer ablate`: expand an ablation file into variants x seeds, run them, print the paper-style table.
 
 An ablation file is not a recipe. It holds a `base:` recipe mapping (the recipe schema), `variants:`
-{name: {dotted.key: value}}, and optionally `name`, `description`, `metrics: [mIoU, PQ_st, ...]` (the
+{name: {dotted.key: value}}, and optionally `name`, `description`, `metrics: [mIoU, PQ_stuff, ...]` (the
 columns), `paper: {variant: {metric: number}}` (shown beside ours), `gpus` (per run, for --dry-run) and
 `evaluate_only: true` (variants differ only in `inference.*`: train the base once per seed, then evaluate
 its checkpoint once per variant).
@@ -161,7 +161,7 @@ def _suggest(key: str, options: Sequence[str]) -> str:
 
 
 def default_metrics(recipes: Sequence[Recipe]) -> tuple[str, ...]:
-    metrics = ["mIoU", "PQ_st"]
+    metrics = ["mIoU", "PQ_stuff"]
     if any(r.data.task == "panoptic" and r.model.meta_architecture == "maskformer" for r in recipes):
         metrics.append("PQ")
     return tuple(metrics)
@@ -216,7 +216,7 @@ def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", sour
     if metrics is None:
         metrics = default_metrics([v.recipe for v in variants])
     if not isinstance(metrics, list | tuple) or not all(isinstance(m, str) for m in metrics) or not metrics:
-        raise ConfigError(f"{where}: metrics: expected a list of metric names like [mIoU, PQ_st], got {metrics!r}")
+        raise ConfigError(f"{where}: metrics: expected a list of metric names like [mIoU, PQ_stuff], got {metrics!r}")
     paper_raw = data.get("paper") or {}
     if not isinstance(paper_raw, dict):
         raise ConfigError(f"{where}: paper: expected {{variant: {{metric: number}}}}")

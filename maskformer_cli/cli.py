@@ -183,6 +183,9 @@ def evaluate(
     per_class: Annotated[bool, typer.Option(help="Print the per-class table.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N images.")] = None,
+    query_stats: Annotated[
+        bool, typer.Option(help="Also plot unique categories predicted per query (the paper's query analysis).")
+    ] = False,
     device: Device = "auto",
 ) -> None:
     """Compute mIoU, PQ and PQ-stuff of a checkpoint (or of saved predictions) on a dataset split."""
@@ -200,6 +203,7 @@ def evaluate(
         batch_size=batch_size,
         limit=limit,
         device=device,
+        query_stats=query_stats,
     )
 
 

@@ -47,7 +47,9 @@ def default_out(checkpoint: Path | None, split: str) -> Path:
 
 def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, metric: str, inference: str | None,
                  tta: bool, predictions: Path | None, out: Path | None, per_class: bool, batch_size: int,
-                 limit: int | None, device: str) -> dict[str, Any]:
+                 limit: int | None, device: str, query_stats: bool = False) -> dict[str, Any]:
+    if query_stats and checkpoint is None:
+        raise UserError("--query-stats needs a checkpoint (it runs the model's queries over the split)")
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
     if predictions is not None:
@@ -78,6 +80,11 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         console.print(per_class_table(rows))
     console.print(metrics_table(metrics, title=f"{meta.get('dataset', dataset)} / {split}"))
     console.print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'per_class.csv'}" if rows else ""))
+    if query_stats:
+        from maskformer_cli.query_analysis import analyze_checkpoint
+
+        analyze_checkpoint(checkpoint, out=out, split=split, device=device, limit=limit, dataset=dataset)
+        console.print(f"wrote {out / 'query_categories.json'} and {out / 'query_categories.png'}")
     return metrics
 
 

@@ -341,7 +341,14 @@ class PQStuffMetrics(_PQAccumulator):
         self._add(pq_image_stats(inter, gt_classes, crowd, pred_classes, k))
 
     def compute(self) -> dict[str, Any]:
-        """Percent: PQ_st, SQ_st, RQ_st, n_st, and `per_class`."""
+        """Percent: PQ_stuff, SQ_stuff, RQ_stuff, n_stuff, and `per_class` (same `_stuff` suffix).
+
+        The paper writes PQ^St both for this metric (semantic tables) and for the stuff part of panoptic PQ
+        (COCO tables); a panoptic dataset evaluated with both would mix them, so this one is `PQ_stuff`
+        (as `--metric pq-stuff`) and `PQ_st` stays panopticapi's "Stuff" row.
+        """
         means, per_class = self._summary()
         pq, sq, rq, n = means["st"]
-        return {"PQ_st": pq, "SQ_st": sq, "RQ_st": rq, "n_st": n, "per_class": per_class}
+        rows = [{"id": r["id"], "name": r["name"],
+                 **{f"{k}_stuff": r[k] for k in ("TP", "FP", "FN", "PQ", "SQ", "RQ")}} for r in per_class]
+        return {"PQ_stuff": pq, "SQ_stuff": sq, "RQ_stuff": rq, "n_stuff": n, "per_class": rows}

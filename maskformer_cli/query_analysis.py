@@ -130,7 +130,7 @@ def plot_query_stats(sorted_counts: Sequence[int], path: Path, title: str = "") 
 @torch.no_grad()
 def analyze_checkpoint(checkpoint: Path, *, out: Path, split: str = "val", device: str = "auto",
                        limit: int | None = None, score_threshold: float = 0.0, min_mask_area: int = 1,
-                       console: Any = None) -> dict[str, Any]:
+                       console: Any = None, dataset: str | None = None) -> dict[str, Any]:
     """Run a MaskFormer checkpoint over a split; write query_categories.json and query_categories.png."""
     from maskformer_cli import distributed as dist
     from maskformer_cli.data.build import build_eval_loader, dataset_info
@@ -141,7 +141,7 @@ def analyze_checkpoint(checkpoint: Path, *, out: Path, split: str = "val", devic
 
     console = console or default_console
     dev = dist.resolve_device(device)
-    loaded = load_for_inference(Path(checkpoint), dev)
+    loaded = load_for_inference(Path(checkpoint), dev, dataset=dataset)
     if loaded.recipe.model.meta_architecture != "maskformer":
         raise UserError("query analysis needs a MaskFormer checkpoint (per-pixel baselines have no queries)")
     info = dataset_info(loaded.recipe.data)

@@ -124,7 +124,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> P
 
 
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mAcc", "pAcc", "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st",
-                "RQ_st")
+                "RQ_st", "PQ_stuff", "SQ_stuff", "RQ_stuff")
 
 
 def metrics_table(metrics: dict[str, Any], title: str = "results") -> Table:
@@ -143,14 +143,14 @@ def metrics_table(metrics: dict[str, Any], title: str = "results") -> Table:
 
 def per_class_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="per class")
-    keys = [k for k in ("IoU", "Acc", "PQ", "SQ", "RQ") if any(k in r for r in rows)]
+    keys = [k for k in ("IoU", "Acc", "PQ", "SQ", "RQ", "PQ_stuff") if any(k in r for r in rows)]
     table.add_column("id", justify="right")
     table.add_column("class")
     for k in keys:
         table.add_column(k, justify="right")
     for r in rows:
         vals = [r.get(k) for k in keys]
-        table.add_row(str(r.get("class", "")), str(r.get("name", "")),
+        table.add_row(str(r.get("class", r.get("id", ""))), str(r.get("name", "")),
                       *["-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in vals])
     return table
 
@@ -239,7 +239,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         axes[0].set_title("training loss")
         axes[0].set_xlabel("step")
         axes[0].set_yscale("log")
-    for key in ("mIoU", "PQ", "PQ_st"):
+    for key in ("mIoU", "PQ", "PQ_stuff"):
         pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
             axes[1].plot(*zip(*pts, strict=True), marker="o", label=key)

@@ -30,7 +30,7 @@ BASE = {
 
 
 def write_ablation(tmp_path: Path, variants: dict, name: str = "abl.yaml", **extra) -> Path:
-    data = {"metrics": ["mIoU", "PQ_st"], "base": BASE, "variants": variants, **extra}
+    data = {"metrics": ["mIoU", "PQ_stuff"], "base": BASE, "variants": variants, **extra}
     p = tmp_path / name
     p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
@@ -40,7 +40,7 @@ def score(recipe) -> dict:
     """The fake's metrics: a known function of the run's queries, matcher and seed."""
     q, seed = recipe.model.num_queries, recipe.solver.seed
     bonus = 5.0 if recipe.loss.matcher == "fixed" else 0.0
-    return {"mIoU": 10.0 + q + bonus + 1.5 * (seed - 7) ** 2, "PQ_st": 3.0 * q - seed, "per_class": [1, 2]}
+    return {"mIoU": 10.0 + q + bonus + 1.5 * (seed - 7) ** 2, "PQ_stuff": 3.0 * q - seed, "per_class": [1, 2]}
 
 
 @dataclass
@@ -167,11 +167,11 @@ def test_seeds_median_std_tables_and_paper_column(tmp_path):
         pq = np.array([3.0 * q - (7 + s) for s in (0, 1, 2)])
         assert float(rows[name]["mIoU_median"]) == pytest.approx(np.median(miou))
         assert float(rows[name]["mIoU_std"]) == pytest.approx(np.std(miou, ddof=1), abs=1e-4)
-        assert float(rows[name]["PQ_st_median"]) == pytest.approx(np.median(pq))
+        assert float(rows[name]["PQ_stuff_median"]) == pytest.approx(np.median(pq))
         assert rows[name]["runs"] == "3"
     assert rows["fixed"]["mIoU_paper"] == "43.7" and rows["N=5"]["mIoU_paper"] == ""
     md = (out / "table.md").read_text()
-    assert "| variant | runs | mIoU | mIoU (paper) | PQ_st |" in md
+    assert "| variant | runs | mIoU | mIoU (paper) | PQ_stuff |" in md
     med, std = np.median([25.0, 26.5, 31.0]), np.std([25.0, 26.5, 31.0], ddof=1)
     assert f"| fixed | 3/3 | {med:.1f} ± {std:.1f} | 43.7 |" in md
     result = json.loads((out / "fixed" / "seed1" / "result.json").read_text())

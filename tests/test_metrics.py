@@ -376,13 +376,13 @@ def test_pq_stuff_equals_panopticapi_on_converted_files(tmp_path, capsys):
     cats = [{"id": 100 + c, "name": str(c), "isthing": 0} for c in range(k)]
     stat, theirs = _panopticapi_single_core(*_write_coco_panoptic(tmp_path, images, cats))
     res = ours.compute()
-    assert res["n_st"] == theirs["Stuff"]["n"] == 5
+    assert res["n_stuff"] == theirs["Stuff"]["n"] == 5
     for m in ("pq", "sq", "rq"):
-        assert res[f"{m.upper()}_st"] / 100 == pytest.approx(theirs["All"][m], abs=1e-9, rel=0)
+        assert res[f"{m.upper()}_stuff"] / 100 == pytest.approx(theirs["All"][m], abs=1e-9, rel=0)
     for entry, cat in zip(res["per_class"], cats, strict=True):
         s = stat.pq_per_cat[cat["id"]]
-        assert (entry["TP"], entry["FP"], entry["FN"]) == (s.tp, s.fp, s.fn)
-    assert 0 < res["PQ_st"] < 100
+        assert (entry["TP_stuff"], entry["FP_stuff"], entry["FN_stuff"]) == (s.tp, s.fp, s.fn)
+    assert 0 < res["PQ_stuff"] < 100
 
 
 # ----------------------------------------------------------------------------------------------- mIoU

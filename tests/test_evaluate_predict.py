@@ -1,0 +1,162 @@
+"""`maskformer evaluate` and `maskformer predict` end to end on the embedded dataset with a small trained
+checkpoint: the files they write, and three independent paths to the same numbers (the training run's
+own evaluation, `evaluate CKPT`, and `predict` followed by `evaluate --predictions`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from maskformer_cli.cli import app
+from maskformer_cli.config import load_recipe
+from maskformer_cli.train import train
+
+runner = CliRunner()
+
+TINY = [
+    "model.backbone=timm:resnet18", "model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32",
+    "model.dim_feedforward=64", "model.nheads=4", "model.num_queries=8", "model.dec_layers=2",
+    "model.dropout=0.0", "data.dataset=synthetic", "data.synthetic_num_classes=12",
+    "data.synthetic_num_images=20", "data.synthetic_size=64", "data.crop_size=[64,64]",
+    "data.test_short_side=64", "data.num_workers=0", "data.task=panoptic", "solver.batch_size=2",
+    "solver.lr=1e-3", "solver.backbone_multiplier=1.0", "solver.max_iters=80", "solver.eval_every=80",
+    "solver.checkpoint_every=1000",
+    # a short-trained model is unsure of everything: keep all its segments so PQ has something to count
+    "inference.object_mask_threshold=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    recipe = load_recipe(None, [*TINY, f"data.root={root}"])
+    res = train(recipe, run_dir=tmp_path_factory.mktemp("runs") / "tiny", quiet=True)
+    # the equalities below must compare real numbers, not zeros (80 steps give PQ ~ 10, mIoU ~ 10)
+    assert res.metrics["PQ"] > 1 and res.metrics["PQ_st"] > 1 and res.metrics["mIoU"] > 1, res.metrics
+    return {"root": root, "ckpt": res.run_dir / "checkpoints" / "last.pt", "metrics": res.metrics,
+            "val_images": root / "synthetic_k12" / "images" / "validation"}
+
+
+def invoke(args: list[str], root: Path):
+    # MASKFORMER_DATASETS tells --dataset synthetic where the ground truth lives
+    result = runner.invoke(app, [str(a) for a in args], env={**os.environ, "MASKFORMER_DATASETS": str(root)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_evaluate_writes_metrics_equal_to_the_training_runs_evaluation(trained, tmp_path):
+    out = tmp_path / "eval"
+    invoke(["evaluate", trained["ckpt"], "--out", out, "--per-class"], trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("mIoU", "pAcc", "PQ", "PQ_th", "PQ_st", "SQ_st", "RQ_st"):
+        assert m[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key
+    # 'all' on a panoptic dataset: PQ-stuff of the semantic map sits beside panoptic PQ without clobbering it
+    assert 0 <= m["PQ_stuff"] <= 100 and m["PQ_stuff"] != m["PQ_st"]
+    assert m["num_images"] == 4 and len(m["checkpoint_sha256"]) == 64
+    assert m["params_M"] > 0 and m["gflops"] > 0 and m["images_per_s"] > 0
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert len(rows) == 12 and "IoU" in rows[0]
+
+
+@pytest.mark.parametrize("args", [["--inference", "general"], ["--inference", "iterative"], ["--tta"],
+                                  ["--metric", "pq-stuff", "--batch-size", "3"]])
+def test_evaluate_options(trained, tmp_path, args):
+    out = tmp_path / "eval"
+    invoke(["evaluate", trained["ckpt"], "--out", out, "--metric", "miou", *args]
+           if "--metric" not in args else ["evaluate", trained["ckpt"], "--out", out, *args], trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    value = m["PQ_stuff"] if "pq-stuff" in args else m["mIoU"]
+    assert 0.0 <= value <= 100.0
+    if "--batch-size" in args:  # batching does not change the numbers, and PQ-stuff keeps its own name
+        assert "PQ_st" not in m and "PQ" not in m
+        plain = tmp_path / "plain"
+        invoke(["evaluate", trained["ckpt"], "--out", plain, "--metric", "pq-stuff"], trained["root"])
+        assert m["PQ_stuff"] == pytest.approx(json.loads((plain / "metrics.json").read_text())["PQ_stuff"],
+                                              abs=1e-9)
+
+
+def test_predict_semantic_then_evaluate_saved_predictions(trained, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sorted(trained["val_images"].iterdir()):
+        (images / f.name).write_bytes(f.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    invoke(["predict", images, "--weights", trained["ckpt"], "--out", out], trained["root"])
+    stems = sorted(f.stem for f in trained["val_images"].iterdir())
+    assert sorted(f.stem for f in (out / "labels").glob("*.png")) == stems
+    assert sorted(f.stem for f in (out / "overlays").glob("*.png")) == stems
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [Path(s["file"]).name for s in manifest["skipped"]] == ["broken.jpg"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in manifest["images"])
+    rle = json.loads((out / "semantic_rle.json").read_text())
+    assert {r["file_name"] for r in rle} == {f.name for f in trained["val_images"].iterdir()}
+    label = np.array(Image.open(out / "labels" / f"{stems[0]}.png"))
+    assert label.dtype == np.uint8 and label.max() < 12
+    # the saved label maps give exactly the checkpoint's mIoU
+    ev = tmp_path / "ev"
+    invoke(["evaluate", "--predictions", out, "--dataset", "synthetic", "--metric", "miou", "--out", ev],
+           trained["root"])
+    assert json.loads((ev / "metrics.json").read_text())["mIoU"] == pytest.approx(trained["metrics"]["mIoU"],
+                                                                                 abs=1e-9)
+
+
+def test_predict_panoptic_then_pq_from_saved_predictions(trained, tmp_path):
+    out = tmp_path / "pred"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic",
+            "--out", out], trained["root"])
+    pan = json.loads((out / "panoptic.json").read_text())
+    assert len(pan["annotations"]) == 4 and len(pan["categories"]) == 12
+    for ann in pan["annotations"]:
+        ids = np.array(Image.open(out / "panoptic" / ann["file_name"]), np.int64)
+        ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in ann["segments_info"]}
+        assert all(1 <= s["category_id"] <= 12 for s in ann["segments_info"])  # dataset ids, not contiguous
+    assert isinstance(json.loads((out / "instances.json").read_text()), list)
+    ev = tmp_path / "ev"
+    invoke(["evaluate", "--predictions", out, "--dataset", "synthetic", "--metric", "pq", "--out", ev],
+           trained["root"])
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("PQ", "PQ_th", "PQ_st"):
+        assert m[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key
+
+
+def test_query_stats_plot(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "eval"
+    invoke(["evaluate", trained["ckpt"], "--out", out, "--metric", "miou", "--query-stats"], trained["root"])
+    report = json.loads((out / "query_categories.json").read_text())
+    assert len(report["unique_per_query_sorted"]) == 8
+    assert (out / "query_categories.png").stat().st_size > 1000
+
+
+def test_label_pngs_are_uint16_beyond_255_classes(tmp_path):
+    from maskformer_cli.predict import _save_label_png
+
+    labels = np.array([[0, 299], [256, 65535]], np.int64)
+    _save_label_png(labels, 300, tmp_path / "a.png")
+    back = np.array(Image.open(tmp_path / "a.png"))
+    np.testing.assert_array_equal(back, labels)
+    _save_label_png(labels % 200, 200, tmp_path / "b.png")
+    assert np.array(Image.open(tmp_path / "b.png")).dtype == np.uint8
+
+
+def test_bad_inputs_are_clear_errors(trained, tmp_path):
+    from maskformer_cli.errors import UserError
+
+    with pytest.raises(UserError, match="no such file"):
+        invoke(["predict", tmp_path / "nothing_here", "--weights", trained["ckpt"]], trained["root"])
+    with pytest.raises(UserError, match="--task"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "depth"],
+               trained["root"])
+    with pytest.raises(UserError, match="--predictions needs --dataset"):
+        invoke(["evaluate", "--predictions", tmp_path], trained["root"])

@@ -332,6 +332,11 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                     break
     finally:
         log.stop()
+        # Persistent workers of an infinite sampler outlive the loop (the loader keeps its iterator);
+        # stop them now, or every run of an in-process sweep (ablate) leaves its workers behind.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     if main and not interrupted:
         plot_curves(run_dir)
         if metrics:

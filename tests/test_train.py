@@ -64,6 +64,16 @@ def test_run_directory_explains_itself(tmp_path, data_root):
         train(recipe, run_dir=run, quiet=True)
 
 
+def test_loader_workers_stop_when_training_returns(tmp_path, data_root):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    recipe = tiny(data_root, "solver.max_iters=2", "solver.eval_every=2", "data.num_workers=2")
+    train(recipe, run_dir=tmp_path / "run", quiet=True)
+    # an ablation sweep trains many variants in one process: none may leave its workers behind
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_resume_equals_uninterrupted(tmp_path, data_root):
     """Stop after 2 of 4 steps, resume: the weights are bit-for-bit those of an uninterrupted run."""
     recipe = tiny(data_root, "solver.max_iters=4", "model.dropout=0.1", "solver.seed=3")

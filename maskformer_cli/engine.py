@@ -7,6 +7,7 @@ tests drive them the same way.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -196,22 +197,34 @@ class Evaluator:
 
     def update(self, class_logits, mask_logits, meta: dict) -> dict:
         """Add one image's outputs; returns its predictions ({'sem_seg': [H,W]}, 'panoptic' when computed)."""
+        pred = self.predict(class_logits, mask_logits)
+        self.add(pred, meta)
+        return pred
+
+    def predict(self, class_logits, mask_logits) -> dict:
+        """The predictions the requested metrics need, from one image's outputs (no state is touched, so a
+        failed attempt can be redone elsewhere)."""
         spec = self.spec
         pred: dict = {}
         if self.semantic is not None or self.pq_stuff is not None:
             pred["sem_seg"] = semantic_prediction(class_logits, mask_logits, spec)
-            self.update_semantic(pred["sem_seg"], load_semantic_gt(meta, spec.ignore_label))
         if self.panoptic is not None:
             if class_logits is None:
                 raise ValueError("PQ needs a mask-classification model (per-pixel baselines give semantic maps)")
-            pan, segments = panoptic_inference(
+            pred["panoptic"] = panoptic_inference(
                 class_logits, mask_logits, thing_ids=spec.thing_ids,
                 object_mask_threshold=spec.object_mask_threshold, overlap_threshold=spec.overlap_threshold,
             )
-            pred["panoptic"] = (pan, segments)
+        return pred
+
+    def add(self, pred: dict, meta: dict) -> None:
+        """Compare one image's predictions (from `predict`) with its ground truth."""
+        if "sem_seg" in pred:
+            self.update_semantic(pred["sem_seg"], load_semantic_gt(meta, self.spec.ignore_label))
+        if "panoptic" in pred:
+            pan, segments = pred["panoptic"]
             self.update_panoptic(pan, segments, *load_panoptic_gt(meta))
         self.num_images += 1
-        return pred
 
     def update_semantic(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """pred, gt: [H, W] int label maps (gt may hold the ignore label)."""
@@ -303,9 +316,11 @@ def evaluate(
             with autocast(device, precision):
                 outputs = net(normalize(images))
             outputs = _to_float(outputs)
-            per_image = _per_image_scores(outputs, batch.image_sizes, tuple(images.shape[-2:]), out_sizes)
+            per_image = _cpu_fallback(_per_image_scores, outputs, batch.image_sizes, tuple(images.shape[-2:]),
+                                      out_sizes)
         for (cls, masks), meta in zip(per_image, batch.metas, strict=True):
-            pred = evaluator.update(cls, masks, meta)
+            pred = _cpu_fallback(evaluator.predict, cls, masks)
+            evaluator.add(pred, meta)
             if on_prediction is not None:
                 on_prediction(pred, meta)
         if on_batch is not None:
@@ -313,6 +328,38 @@ def evaluate(
     evaluator.synchronize()
     model.train(was_training)
     return evaluator.compute()
+
+
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, PerPixelOutput):
+        return PerPixelOutput(x.sem_seg_logits.cpu())
+    if isinstance(x, MaskFormerOutput):
+        return MaskFormerOutput(x.pred_logits.cpu(), x.pred_masks.cpu())
+    return x
+
+
+def _cpu_fallback(fn, *args):
+    """fn(*args); when the accelerator runs out of memory (whole-image inference of a 1024x2048 Cityscapes
+    image upsamples Q masks to full size), free its cache and redo this step with the tensors on the CPU,
+    slower but complete, instead of losing the evaluation."""
+    try:
+        return fn(*args)
+    except OOM_ERRORS:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if not _cpu_fallback.warned:
+            _cpu_fallback.warned = True
+            warnings.warn("out of accelerator memory in post-processing: continuing on the CPU for those "
+                          "images (slower)", RuntimeWarning, stacklevel=2)
+        return fn(*(_to_cpu(a) for a in args))
+
+
+_cpu_fallback.warned = False
 
 
 def _to_float(outputs):

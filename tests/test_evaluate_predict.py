@@ -160,3 +160,27 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path):
                trained["root"])
     with pytest.raises(UserError, match="--predictions needs --dataset"):
         invoke(["evaluate", "--predictions", tmp_path], trained["root"])
+
+
+def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_path, monkeypatch):
+    import torch
+
+    import maskformer_cli.engine as engine
+
+    real, calls = engine.panoptic_inference, []
+
+    def flaky(*args, **kwargs):  # the accelerator runs out of memory on the second image only
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "panoptic_inference", flaky)
+    monkeypatch.setattr(engine._cpu_fallback, "warned", False)
+    out = tmp_path / "eval"
+    with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
+        invoke(["evaluate", trained["ckpt"], "--out", out, "--metric", "all"], trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(calls) == 5 and m["num_images"] == 4  # 4 images, one redone; nothing counted twice
+    for key in ("mIoU", "PQ", "PQ_st"):
+        assert m[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key

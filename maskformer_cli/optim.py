@@ -118,6 +118,14 @@ def build_optimizer(model: nn.Module, solver_cfg: SolverConfig) -> torch.optim.A
     )
 
 
+def _warmup(it: int, warmup_iters: int, warmup_factor: float) -> float:
+    """Linear warmup multiplier: warmup_factor at it = 0 rising to 1 at it = warmup_iters, then 1."""
+    if it >= warmup_iters:
+        return 1.0
+    alpha = it / warmup_iters
+    return warmup_factor * (1.0 - alpha) + alpha
+
+
 def poly_lr_lambda(
     max_iters: int, power: float = 0.9, warmup_iters: int = 0, warmup_factor: float = 1.0
 ) -> Callable[[int], float]:
@@ -131,12 +139,7 @@ def poly_lr_lambda(
         raise ValueError(f"max_iters must be > 0, got {max_iters}")
 
     def factor(it: int) -> float:
-        if it < warmup_iters:
-            alpha = it / warmup_iters
-            warm = warmup_factor * (1.0 - alpha) + alpha
-        else:
-            warm = 1.0
-        return warm * math.pow(max(0.0, 1.0 - it / max_iters), power)
+        return _warmup(it, warmup_iters, warmup_factor) * math.pow(max(0.0, 1.0 - it / max_iters), power)
 
     # A plain function (not a callable object): LambdaLR then keeps it out of its state dict, so a
     # resumed run uses the schedule of the current recipe and the state dict stays weights_only-loadable.
@@ -155,12 +158,7 @@ def step_lr_lambda(
         raise ValueError(f"lr_steps must be increasing, got {list(steps)}")
 
     def factor(it: int) -> float:
-        if it < warmup_iters:
-            alpha = it / warmup_iters
-            warm = warmup_factor * (1.0 - alpha) + alpha
-        else:
-            warm = 1.0
-        return warm * gamma ** bisect.bisect_right(steps, it)
+        return _warmup(it, warmup_iters, warmup_factor) * gamma ** bisect.bisect_right(steps, it)
 
     return factor
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,13 +22,8 @@ from maskformer_cli.train import train
 runner = CliRunner()
 
 TINY = [
-    "model.backbone=timm:resnet18", "model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32",
-    "model.dim_feedforward=64", "model.nheads=4", "model.num_queries=8", "model.dec_layers=2",
-    "model.dropout=0.0", "data.dataset=synthetic", "data.synthetic_num_classes=12",
-    "data.synthetic_num_images=20", "data.synthetic_size=64", "data.crop_size=[64,64]",
-    "data.test_short_side=64", "data.num_workers=0", "data.task=panoptic", "solver.batch_size=2",
-    "solver.lr=1e-3", "solver.backbone_multiplier=1.0", "solver.max_iters=80", "solver.eval_every=80",
-    "solver.checkpoint_every=1000",
+    *tiny_recipe.TINY, "data.synthetic_num_classes=12", "data.task=panoptic", "solver.lr=1e-3",
+    "solver.max_iters=80", "solver.eval_every=80",
     # a short-trained model is unsure of everything: keep all its segments so PQ has something to count
     "inference.object_mask_threshold=0.0",
 ]

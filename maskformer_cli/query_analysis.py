@@ -111,6 +111,7 @@ def plot_query_stats(sorted_counts: Sequence[int], path: Path, title: str = "") 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 3))
@@ -120,6 +121,8 @@ def plot_query_stats(sorted_counts: Sequence[int], path: Path, title: str = "") 
     if title:
         ax.set_title(title)
     ax.set_xlim(-0.5, len(sorted_counts) - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # queries and counts are whole numbers
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

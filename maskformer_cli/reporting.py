@@ -253,23 +253,60 @@ def plot_curves(run_dir: Path) -> Path | None:
     return out
 
 
+def _titled(panels: list[tuple[str, Image.Image]]) -> Image.Image:
+    """Panels side by side, each under a one-line title."""
+    from PIL import Image, ImageDraw
+
+    title_h = 16
+    w = sum(p.width for _, p in panels) + 8 * (len(panels) - 1)
+    h = max(p.height for _, p in panels) + title_h
+    out = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for title, p in panels:
+        draw.text((x + 4, 2), title, fill=(0, 0, 0))
+        out.paste(p, (x, title_h))
+        x += p.width + 8
+    return out
+
+
 def save_prediction_overlay(pred: dict, meta: dict, classes: list[str], colors: list[tuple[int, int, int]],
                             path: Path, ignore_label: int = 255) -> None:
     """Overlay of one evaluated image: the panoptic prediction (segment outlines) when present, else the
-    semantic map, beside the ground truth when it is at hand."""
+    semantic map, to the right of the ground truth drawn the same way when the dataset has it."""
     from PIL import Image, ImageOps
+
+    from maskformer_cli.engine import load_panoptic_gt, load_semantic_gt
 
     with Image.open(meta["file_name"]) as im:
         image = np.array(ImageOps.exif_transpose(im).convert("RGB"))
-    if "panoptic" in pred:
-        pan, segments = pred["panoptic"]
-        ids = pan.cpu().numpy()
+
+    def panoptic_labels(ids: np.ndarray, segments: list[dict]) -> np.ndarray:
         labels = np.full(ids.shape, ignore_label, np.int64)
         for seg in segments:
             labels[ids == seg["id"]] = seg["category_id"]
-        out = overlay(image, labels, colors, classes, ignore_label=ignore_label, boundaries=segment_boundaries(ids))
+        return labels
+
+    if "panoptic" in pred:
+        pan, segments = pred["panoptic"]
+        ids = pan.cpu().numpy()
+        out = overlay(image, panoptic_labels(ids, segments), colors, classes, ignore_label=ignore_label,
+                      boundaries=segment_boundaries(ids))
     else:
-        labels = pred["sem_seg"].cpu().numpy()
-        out = overlay(image, labels, colors, classes, ignore_label=ignore_label)
+        out = overlay(image, pred["sem_seg"].cpu().numpy(), colors, classes, ignore_label=ignore_label)
+    gt = None
+    try:  # the ground truth is a bonus: an image without labels still gets its prediction drawn
+        if "panoptic" in pred and "pan_seg_file" in meta:
+            gt_ids, gt_segments = load_panoptic_gt(meta)
+            gt_ids = gt_ids.numpy()
+            gt = overlay(image, panoptic_labels(gt_ids, gt_segments), colors, classes, ignore_label=ignore_label,
+                         boundaries=segment_boundaries(gt_ids))
+        elif any(k in meta for k in ("sem_seg", "sem_seg_file", "pan_seg_file")):
+            gt = overlay(image, load_semantic_gt(meta, ignore_label).numpy(), colors, classes,
+                         ignore_label=ignore_label)
+    except (OSError, KeyError, ValueError):
+        gt = None
+    if gt is not None:
+        out = _titled([("ground truth", gt), ("prediction", out)])
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)

@@ -169,6 +169,11 @@ def train(
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (.pt, official .pkl or HF dir).")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="inference.* / data.* overrides as key=value, e.g. inference.object_mask_threshold=0.7.",
+                       show_default=False),
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name or custom spec YAML.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     metric: Annotated[str, typer.Option(help="miou | pq | pq-stuff | all")] = "all",
@@ -204,6 +209,7 @@ def evaluate(
         limit=limit,
         device=device,
         query_stats=query_stats,
+        overrides=overrides or [],
     )
 
 

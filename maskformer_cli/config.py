@@ -408,6 +408,23 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{where}{e}") from None
 
 
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...],
+                    sections: tuple[str, ...] = ("inference", "data")) -> Recipe:
+    """`recipe` with `key=value` overrides applied, strictly, to the named sections only.
+
+    Used where the model is already built from weights (evaluate): its inference thresholds or test size
+    may change, its architecture may not.
+    """
+    data = to_dict(recipe)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in sections:
+            raise ConfigError(f"override '{text}': only {' / '.join(s + '.*' for s in sections)} keys can change "
+                              f"here (the model comes from the checkpoint)")
+        _set_nested(data, keys, value)
+    return from_dict(Recipe, data)
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved in a checkpoint or a run's config.yaml."""
     return from_dict(Recipe, data)

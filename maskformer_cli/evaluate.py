@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from maskformer_cli import distributed as dist
+from maskformer_cli.config import apply_overrides
 from maskformer_cli.errors import UserError
 from maskformer_cli.reporting import (
     console,
@@ -47,7 +48,10 @@ def default_out(checkpoint: Path | None, split: str) -> Path:
 
 def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, metric: str, inference: str | None,
                  tta: bool, predictions: Path | None, out: Path | None, per_class: bool, batch_size: int,
-                 limit: int | None, device: str, query_stats: bool = False) -> dict[str, Any]:
+                 limit: int | None, device: str, query_stats: bool = False,
+                 overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    if overrides and checkpoint is None:
+        raise UserError("key=value overrides change how a checkpoint is evaluated: give a checkpoint")
     if query_stats and checkpoint is None:
         raise UserError("--query-stats needs a checkpoint (it runs the model's queries over the split)")
     if inference is not None and inference not in INFERENCE:
@@ -65,7 +69,7 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         try:
             metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
                                                  inference=inference, tta=tta, batch_size=batch_size,
-                                                 limit=limit, device=dinfo.device)
+                                                 limit=limit, device=dinfo.device, overrides=overrides)
         finally:
             dist.cleanup()
         if not dinfo.is_main:
@@ -88,7 +92,8 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     return metrics
 
 
-def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device):
+def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device,
+                         overrides=()):
     from maskformer_cli.data.build import build_eval_loader, dataset_info
     from maskformer_cli.engine import evaluate
     from maskformer_cli.models.flops import count_flops
@@ -96,7 +101,7 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     from maskformer_cli.weights import load_for_inference
 
     loaded = load_for_inference(checkpoint, device, dataset=dataset)
-    recipe = loaded.recipe
+    recipe = apply_overrides(loaded.recipe, overrides)
     if dataset is None and loaded.dataset is None:
         raise UserError(f"{checkpoint} does not record its dataset: pass --dataset")
     info = dataset_info(recipe.data)

@@ -158,6 +158,21 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path):
         invoke(["evaluate", "--predictions", tmp_path], trained["root"])
 
 
+def test_evaluate_overrides_inference_settings_but_not_the_model(trained, tmp_path):
+    from maskformer_cli.errors import UserError
+
+    out = tmp_path / "eval"
+    invoke(["evaluate", trained["ckpt"], "inference.object_mask_threshold=1.0", "--out", out], trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    # no class probability exceeds 1.0: every panoptic segment is dropped; the semantic map does not use it
+    assert m["PQ"] == 0.0 and m["recipe"]["inference"]["object_mask_threshold"] == 1.0
+    assert m["mIoU"] == pytest.approx(trained["metrics"]["mIoU"], abs=1e-9)
+    with pytest.raises(UserError, match="only inference"):
+        invoke(["evaluate", trained["ckpt"], "model.num_queries=5"], trained["root"])
+    with pytest.raises(UserError, match="did you mean 'inference.object_mask_threshold'"):
+        invoke(["evaluate", trained["ckpt"], "inference.object_mask_treshold=0.5"], trained["root"])
+
+
 def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_path, monkeypatch):
     import torch
 

@@ -225,11 +225,16 @@ def predict(
     dataset: Annotated[
         str | None, typer.Option(help="Class names/colors from this dataset (official .pkl/HF weights).")
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="inference.* override as key=value, repeatable, e.g. "
+                                   "--set inference.object_mask_threshold=0.5.", show_default=False),
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
     run_predict = _command("predict", "run_predict", "predict", "issue #5")
-    run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device)
+    run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [])
 
 
 # ---------------------------------------------------------------------------------------------- ablate

@@ -73,7 +73,8 @@ def resize_for_test(image: torch.Tensor, short_side: int | None, max_long: int) 
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, dataset: str | None, device: str) -> None:
+def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, dataset: str | None, device: str,
+                overrides: list[str] | tuple[str, ...] = ()) -> None:
     from maskformer_cli.distributed import resolve_device
     from maskformer_cli.weights import load_for_inference
 
@@ -82,6 +83,12 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
     files = collect_inputs(inputs)
     dev = resolve_device(device)
     loaded = load_for_inference(weights, dev, dataset=dataset)
+    if overrides:  # e.g. a lower panoptic threshold for images unlike the training set
+        from dataclasses import replace
+
+        from maskformer_cli.config import apply_overrides
+
+        loaded = replace(loaded, recipe=apply_overrides(loaded.recipe, overrides, sections=("inference",)))
     if task != "semantic" and loaded.recipe.model.meta_architecture != "maskformer":
         raise UserError(f"--task {task} needs a mask-classification model; this checkpoint is a per-pixel baseline")
     info = loaded.info()

@@ -171,6 +171,15 @@ def test_evaluate_overrides_inference_settings_but_not_the_model(trained, tmp_pa
         invoke(["evaluate", trained["ckpt"], "model.num_queries=5"], trained["root"])
     with pytest.raises(UserError, match="did you mean 'inference.object_mask_threshold'"):
         invoke(["evaluate", trained["ckpt"], "inference.object_mask_treshold=0.5"], trained["root"])
+    # predict takes the same inference overrides through --set
+    pred = tmp_path / "pred"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic", "--out", pred,
+            "--set", "inference.object_mask_threshold=1.0"], trained["root"])
+    anns = json.loads((pred / "panoptic.json").read_text())["annotations"]
+    assert len(anns) == 4 and all(a["segments_info"] == [] for a in anns)
+    with pytest.raises(UserError, match="only inference"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--set", "data.crop_size=[64, 64]"],
+               trained["root"])
 
 
 def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_path, monkeypatch):

@@ -182,6 +182,30 @@ def test_evaluate_overrides_inference_settings_but_not_the_model(trained, tmp_pa
                trained["root"])
 
 
+@pytest.mark.distributed
+def test_evaluate_under_torchrun_equals_one_process(trained, tmp_path):
+    """2 gloo ranks shard the 4 validation images without overlap; the merged metrics are the single-process
+    ones exactly (a padded duplicate image or a lost shard would move them)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "MASKFORMER_DATASETS": str(trained["root"]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        "-m", "maskformer_cli", "evaluate", str(trained["ckpt"]), "--out", str(out),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_images"] == 4
+    for key in ("mIoU", "pAcc", "PQ", "PQ_th", "PQ_st", "PQ_stuff"):
+        assert m[key] == pytest.approx(trained["metrics"].get(key, m[key]), abs=1e-9), key
+    single = tmp_path / "single"
+    invoke(["evaluate", trained["ckpt"], "--out", single], trained["root"])
+    s = json.loads((single / "metrics.json").read_text())
+    for key in ("mIoU", "fwIoU", "mAcc", "pAcc", "PQ", "SQ", "RQ", "PQ_stuff"):
+        assert m[key] == pytest.approx(s[key], abs=1e-9), key
+
+
 def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_path, monkeypatch):
     import torch
 

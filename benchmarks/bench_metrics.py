@@ -207,7 +207,10 @@ def main() -> None:
     assert abs(api1["pq"] - api["All"]["pq"]) < 1e-12 and abs(api_dec["pq"] - api["All"]["pq"]) < 1e-12
 
     print(
-        f"PQ on {n} images of {args.size}x{args.size} (PQ = {ours['PQ']:.3f}, equal to panopticapi within 1e-9)"
+        f"PQ on {n} images of {args.size}x{args.size} (PQ = {ours['PQ']:.3f}, equal to panopticapi within 1e-9)\n"
+        # panopticapi's per-image cost is mostly np.unique (a sort): numpy 2's SIMD sort makes it ~4x faster,
+        # and panopticapi-lite 0.2 pins numpy < 2, so the version decides the ratio
+        f"  numpy {np.__version__}, torch {torch.__version__}"
     )
     print(f"  {'':56s} {'total s':>8s} {'ms/image':>9s}")
     rows = [

@@ -38,8 +38,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, steps: int, device) -> list[float]:
-    fn()  # warm-up (allocations, cudnn autotune)
+def timed(fn, steps: int, device, warmup: bool = True) -> list[float]:
+    if warmup:
+        fn()  # allocations, cudnn autotune
     times = []
     for _ in range(steps):
         sync(device)
@@ -114,16 +115,13 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
         opt_hf.step()
 
     t_hf = timed(step_hf, args.steps, device)
+    step_ours()  # warm-up, outside the matcher's tally
     matcher_mod.HungarianMatcher.__call__ = timed_match
     try:
-        step_ours()  # warm-up outside the matcher's tally
-        matcher_time[0] = 0.0
-        t_ours = timed(step_ours, args.steps, device)
+        t_ours = timed(step_ours, args.steps, device, warmup=False)
     finally:
         matcher_mod.HungarianMatcher.__call__ = real_call
-    # timed() runs one more (warm-up) step than it returns
-    share = matcher_time[0] * args.steps / (args.steps + 1) / sum(t_ours)
-    return t_hf, t_ours, share
+    return t_hf, t_ours, matcher_time[0] / sum(t_ours)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from maskformer_cli.config import ConfigError, Recipe, dump_recipe, from_dict, read_yaml, to_dict
+from maskformer_cli.config import ConfigError, Recipe, dump_recipe, from_dict, read_yaml, suggest, to_dict
 from maskformer_cli.errors import UserError
 
 ABLATION_KEYS = ("name", "description", "metrics", "gpus", "evaluate_only", "base", "variants", "paper")
@@ -153,13 +153,6 @@ def _recipe(data: dict[str, Any], where: str) -> Recipe:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _suggest(key: str, options: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(options)})"
-
-
 def default_metrics(recipes: Sequence[Recipe]) -> tuple[str, ...]:
     metrics = ["mIoU", "PQ_stuff"]
     if any(r.data.task == "panoptic" and r.model.meta_architecture == "maskformer" for r in recipes):
@@ -178,7 +171,7 @@ def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", sour
         raise ConfigError(f"{where}: an ablation file needs {' and '.join(missing)}:{hint}")
     unknown = [k for k in data if k not in ABLATION_KEYS]
     if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'{_suggest(str(unknown[0]), ABLATION_KEYS)}")
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'{suggest(str(unknown[0]), ABLATION_KEYS)}")
     base_map = data["base"] or {}
     if not isinstance(base_map, dict):
         raise ConfigError(f"{where}: base: must be a recipe mapping (model:, data:, solver:, ...)")
@@ -224,7 +217,7 @@ def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", sour
     names = [v.name for v in variants]
     for vname, numbers in paper_raw.items():
         if str(vname) not in names:
-            raise ConfigError(f"{where}: paper: '{vname}' is not a variant{_suggest(str(vname), names)}")
+            raise ConfigError(f"{where}: paper: '{vname}' is not a variant{suggest(str(vname), names)}")
         if not isinstance(numbers, dict):
             raise ConfigError(f"{where}: paper: '{vname}': expected {{metric: number}}, got {numbers!r}")
         row: dict[str, float] = {}

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -282,8 +283,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+def suggest(key: str, options: Sequence[str]) -> str:
+    """' (did you mean ...?)' for the closest of `options`, else the list of valid keys."""
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
 
 
@@ -297,7 +299,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), [prefix + n for n in names])}")
+            raise ConfigError(f"unknown key '{full}'{suggest(str(key), [prefix + n for n in names])}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value if value is not None else {}, prefix=f"{full}.")
@@ -399,30 +401,31 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = read_yaml(path) if path is not None else {}
     data.pop("variants", None)  # ablation files carry variants; `ablate` expands them
     try:
-        for text in overrides:
-            keys, value = parse_override(text)
-            _set_nested(data, keys, value)
-        return from_dict(Recipe, data)
+        return _with_overrides(data, overrides)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
 
 
-def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...],
-                    sections: tuple[str, ...] = ("inference", "data")) -> Recipe:
-    """`recipe` with `key=value` overrides applied, strictly, to the named sections only.
-
-    Used where the model is already built from weights (evaluate): its inference thresholds or test size
-    may change, its architecture may not.
-    """
-    data = to_dict(recipe)
+def _with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    sections: tuple[str, ...] | None = None) -> Recipe:
+    """The recipe of mapping `data` (modified in place) with `key=value` overrides set, strictly; with
+    `sections`, keys outside those sections are refused."""
     for text in overrides:
         keys, value = parse_override(text)
-        if keys[0] not in sections:
+        if sections is not None and keys[0] not in sections:
             raise ConfigError(f"override '{text}': only {' / '.join(s + '.*' for s in sections)} keys can change "
                               f"here (the model comes from the checkpoint)")
         _set_nested(data, keys, value)
     return from_dict(Recipe, data)
+
+
+def override_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...],
+                    sections: tuple[str, ...] = ("inference", "data")) -> Recipe:
+    """`recipe` with `key=value` overrides in the named sections only: where the model is already built
+    from weights (evaluate, predict), its inference thresholds or test size may change, its architecture
+    may not."""
+    return _with_overrides(to_dict(recipe), overrides, sections) if overrides else recipe
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

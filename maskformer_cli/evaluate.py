@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.config import apply_overrides
+from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.reporting import (
     console,
@@ -101,7 +101,7 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     from maskformer_cli.weights import load_for_inference
 
     loaded = load_for_inference(checkpoint, device, dataset=dataset)
-    recipe = apply_overrides(loaded.recipe, overrides)
+    recipe = override_recipe(loaded.recipe, overrides)
     if dataset is None and loaded.dataset is None:
         raise UserError(f"{checkpoint} does not record its dataset: pass --dataset")
     info = dataset_info(recipe.data)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import glob
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries
 
@@ -83,12 +85,8 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
     files = collect_inputs(inputs)
     dev = resolve_device(device)
     loaded = load_for_inference(weights, dev, dataset=dataset)
-    if overrides:  # e.g. a lower panoptic threshold for images unlike the training set
-        from dataclasses import replace
-
-        from maskformer_cli.config import apply_overrides
-
-        loaded = replace(loaded, recipe=apply_overrides(loaded.recipe, overrides, sections=("inference",)))
+    # e.g. a lower panoptic threshold for images unlike the training set
+    loaded = replace(loaded, recipe=override_recipe(loaded.recipe, overrides, sections=("inference",)))
     if task != "semantic" and loaded.recipe.model.meta_architecture != "maskformer":
         raise UserError(f"--task {task} needs a mask-classification model; this checkpoint is a per-pixel baseline")
     info = loaded.info()

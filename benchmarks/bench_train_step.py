@@ -4,7 +4,8 @@ A step = forward, Hungarian matching, losses, backward, AdamW step. Both models 
 (ResNet-50 with trainable BatchNorm as HF has it, FPN 256, 6 decoder layers, 100 queries, 150 classes) and
 the same weights (HF's, converted). Measured twice: with deep supervision (the paper's loss after every
 decoder layer; transformers' `use_auxiliary_loss=True`, which adds a seventh loss on the decoder's input)
-and without (transformers' default). Prints seconds per step, the ratio, and the matcher's share of ours.
+and without (transformers' default). The two run alternately, step by step. Prints seconds per step, the
+ratio, and the matcher's share of ours.
 
     python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3] [--device cpu|cuda]
 """
@@ -38,17 +39,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, steps: int, device, warmup: bool = True) -> list[float]:
-    if warmup:
-        fn()  # allocations, cudnn autotune
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+def timed(fn, device) -> float:
+    """Seconds of one call of fn, the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
 def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[float], float]:
@@ -114,13 +111,17 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
         out.loss.backward()
         opt_hf.step()
 
-    t_hf = timed(step_hf, args.steps, device)
-    step_ours()  # warm-up, outside the matcher's tally
-    matcher_mod.HungarianMatcher.__call__ = timed_match
-    try:
-        t_ours = timed(step_ours, args.steps, device, warmup=False)
-    finally:
-        matcher_mod.HungarianMatcher.__call__ = real_call
+    step_hf()  # warm-ups: allocations, cudnn autotune
+    step_ours()
+    # Alternate the two, step by step, so that drifts of a shared machine's speed hit both alike.
+    t_hf, t_ours = [], []
+    for _ in range(args.steps):
+        t_hf.append(timed(step_hf, device))
+        matcher_mod.HungarianMatcher.__call__ = timed_match
+        try:
+            t_ours.append(timed(step_ours, device))
+        finally:
+            matcher_mod.HungarianMatcher.__call__ = real_call
     return t_hf, t_ours, matcher_time[0] / sum(t_ours)
 
 

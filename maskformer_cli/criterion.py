@@ -19,13 +19,12 @@ from torch import nn
 from maskformer_cli.config import ConfigError, Recipe
 from maskformer_cli.losses import (
     box_cxcywh_to_xyxy,
-    dice_loss,
     generalized_box_iou,
     masks_to_boxes,
     point_sample,
-    sigmoid_focal_loss,
     uncertain_point_coords,
 )
+from maskformer_cli.losses_fused import focal_dice_loss
 from maskformer_cli.matcher import (
     BoxMatcher,
     Indices,
@@ -151,16 +150,16 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), labels, weight=self.class_weights.to(logits.device))
 
     def _matched_masks(
-        self, outputs: MaskFormerOutput, targets: Sequence[Target], indices: Indices
+        self, outputs: MaskFormerOutput, targets: Sequence[Target], indices: Indices, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """([n, h, w] matched mask logits in fp32, [n, H, W] their float targets padded to the batch size)."""
+        """([n, h, w] matched mask logits in fp32, [n, H, W] their targets in `dtype` padded to the batch size)."""
         device = outputs.pred_masks.device
         batch, src = _permutation(indices, device)
         pred = outputs.pred_masks[batch, src].float()
         size = common_size(targets)
         tgt = torch.cat(
             [
-                pad_masks(t.masks[j.to(t.masks.device)], size).to(device)
+                pad_masks(t.masks[j.to(t.masks.device)], size, dtype).to(device)
                 for t, (_, j) in zip(targets, indices, strict=True)
             ]
         )
@@ -173,25 +172,20 @@ class SetCriterion(nn.Module):
         if sum(int(src.numel()) for src, _ in indices) == 0:
             zero = _zero(outputs.pred_masks)
             return {"loss_focal": zero, "loss_dice": zero.clone()}
-        pred, tgt = self._matched_masks(outputs, targets, indices)
-        if self.num_points > 0:
+        if self.num_points == 0:
+            # The paper's dense loss on logits upsampled to the target size, fused: the full-size
+            # logits and their intermediates are never stored (see losses_fused); targets stay bool.
+            pred, tgt = self._matched_masks(outputs, targets, indices, torch.bool)
+        else:
+            pred, tgt = self._matched_masks(outputs, targets, indices, torch.float32)
             with torch.no_grad():
                 coords = uncertain_point_coords(
                     pred[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio
                 )
-                tgt_flat = point_sample(tgt[:, None], coords)[:, 0]
-            pred_flat = point_sample(pred[:, None], coords)[:, 0]
-        else:
-            pred_flat = F.interpolate(
-                pred[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False
-            )
-            pred_flat, tgt_flat = pred_flat.flatten(1), tgt.flatten(1)
-        return {
-            "loss_focal": sigmoid_focal_loss(
-                pred_flat, tgt_flat, num_masks, self.focal_alpha, self.focal_gamma
-            ),
-            "loss_dice": dice_loss(pred_flat, tgt_flat, num_masks),
-        }
+                tgt = point_sample(tgt[:, None], coords)[:, 0]
+            pred = point_sample(pred[:, None], coords)[:, 0]
+        focal, dice = focal_dice_loss(pred, tgt, self.focal_alpha, self.focal_gamma)
+        return {"loss_focal": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
     def loss_boxes(
         self, outputs: MaskFormerOutput, targets: Sequence[Target], indices: Indices, num_masks: float
@@ -323,8 +317,9 @@ class PerPixelCriterion(nn.Module):
                 continue
             x = logits[b].flatten(1)[:, keep]
             t = onehot[b].flatten(1)[:, keep]
-            focal = focal + sigmoid_focal_loss(x, t, num_masks, self.focal_alpha, self.focal_gamma)
-            dice = dice + dice_loss(x, t, num_masks)
+            f, d = focal_dice_loss(x, t, self.focal_alpha, self.focal_gamma)
+            focal = focal + f.sum() / num_masks
+            dice = dice + d.sum() / num_masks
         return {"loss_focal": focal, "loss_dice": dice}
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

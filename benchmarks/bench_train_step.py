@@ -8,6 +8,7 @@ and without (transformers' default). The two run alternately, step by step. Prin
 ratio, and the matcher's share of ours.
 
     python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3] [--device cpu|cuda]
+                                          [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -95,9 +96,12 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
         matcher_time[0] += time.perf_counter() - t
         return r
 
+    amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": args.precision == "bf16"}
+
     def step_ours():
         opt_ours.zero_grad(set_to_none=True)
-        loss = criterion.weighted_total(criterion(ours(normalize(x)), ours_targets))
+        with torch.autocast(**amp):
+            loss = criterion.weighted_total(criterion(ours(normalize(x)), ours_targets))
         loss.backward()
         opt_ours.step()
 
@@ -106,8 +110,9 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
         pixel_values = (x / 255 - torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]) / torch.tensor(
             [0.229, 0.224, 0.225], device=device)[:, None, None]
         # transformers (5.x) builds its auxiliary losses only when the decoder's hidden states are returned
-        out = hf(pixel_values=pixel_values, mask_labels=hf_masks, class_labels=hf_labels,
-                 output_hidden_states=deep_supervision)
+        with torch.autocast(**amp):
+            out = hf(pixel_values=pixel_values, mask_labels=hf_masks, class_labels=hf_labels,
+                     output_hidden_states=deep_supervision)
         out.loss.backward()
         opt_hf.step()
 
@@ -131,10 +136,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: forward passes of both under autocast (the training's --precision bf16)")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"batch {args.batch}, {args.size}x{args.size}, ResNet-50, 100 queries, 6 decoder layers, 150 classes")
+          f"{args.precision}, batch {args.batch}, {args.size}x{args.size}, ResNet-50, 100 queries, 6 decoder layers, 150 classes")
     for ds in (True, False):
         t_hf, t_ours, share = measure(args, device, ds)
         m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)

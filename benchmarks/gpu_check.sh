@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The CUDA checks of issue #4 in one pass, for a machine with a GPU (about 6-8 minutes on one H100/H200):
+#   the gpu-marked tests (training at fp32/bf16/fp16, `train --gpus N` under torchrun with NCCL, the fused
+#   mask loss, CUDA RNG capture), then the train-step benchmark against transformers (fp32 and bf16) and the
+#   fused-vs-plain mask-loss benchmark at COCO-like size. Logs go to $OUT (default ./gpu_check).
+# Run from the repository root with the project importable (`pip install -e ".[test]"`, or PYTHONPATH=. where
+# the dependencies are already installed). Exit status: non-zero if any step failed.
+set -uo pipefail
+out=${OUT:-gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+py=${PYTHON:-python3}
+rc=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >>"$out/gpu.txt" 2>&1
+timeout 300 "$py" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/pytest_gpu.txt" || rc=1
+for precision in fp32 bf16; do
+    timeout 240 "$py" benchmarks/bench_train_step.py --device cuda --steps 10 --precision "$precision" 2>&1 \
+        | grep -v "Writing model shards" | tee "$out/bench_train_step_$precision.txt" || rc=1
+done
+timeout 120 "$py" benchmarks/bench_mask_loss.py --device cuda --size 1024 --masks 50 2>&1 \
+    | tee "$out/bench_mask_loss.txt" || rc=1
+exit $rc

@@ -360,7 +360,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     if path.suffix == ".pkl":
-        from maskformer_cli.models.convert import load_pickle_restricted
+        from maskformer_cli.models.pickle_safe import load_pickle_restricted
 
         data = load_pickle_restricted(path)
     else:

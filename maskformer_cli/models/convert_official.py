@@ -55,12 +55,7 @@ def _pixel_decoder_name(rest: str, original: str) -> str:
         return f"pixel_decoder.output_convs.res{int(m[1]) + 1}.{m[2]}"
     if m := re.fullmatch(r"(mask_features|input_proj)\.(.+)", rest):
         return f"pixel_decoder.{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"transformer\.encoder\.layers\.(\d+)\.([a-z_0-9]+)\.(.+)", rest):
-        if m[2] in _ENC_LAYER:
-            return f"pixel_decoder.encoder.layers.{m[1]}.{_ENC_LAYER[m[2]]}.{m[3]}"
-    if m := re.fullmatch(r"transformer\.encoder\.norm\.(.+)", rest):
-        return f"pixel_decoder.encoder.norm.{m[1]}"
-    return original
+    return _transformer_name(rest, "encoder", _ENC_LAYER, "pixel_decoder.encoder") or original
 
 
 def _predictor_name(rest: str, original: str) -> str:
@@ -72,9 +67,14 @@ def _predictor_name(rest: str, original: str) -> str:
         return f"{m[1]}.{m[2]}"
     if m := re.fullmatch(r"mask_embed\.layers\.(\d)\.(.+)", rest):
         return f"mask_embed.layers.{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.([a-z_0-9]+)\.(.+)", rest):
-        if m[2] in _DEC_LAYER:
-            return f"decoder.layers.{m[1]}.{_DEC_LAYER[m[2]]}.{m[3]}"
-    if m := re.fullmatch(r"transformer\.decoder\.norm\.(.+)", rest):
-        return f"decoder.norm.{m[1]}"
-    return original
+    return _transformer_name(rest, "decoder", _DEC_LAYER, "decoder") or original
+
+
+def _transformer_name(rest: str, part: str, layer_names: Mapping[str, str], ours: str) -> str | None:
+    """transformer.{part}.layers.i.<module>.* and transformer.{part}.norm.* under our prefix `ours`."""
+    if m := re.fullmatch(rf"transformer\.{part}\.layers\.(\d+)\.([a-z_0-9]+)\.(.+)", rest):
+        if m[2] in layer_names:
+            return f"{ours}.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
+    if m := re.fullmatch(rf"transformer\.{part}\.norm\.(.+)", rest):
+        return f"{ours}.norm.{m[1]}"
+    return None

@@ -307,16 +307,16 @@ class PerPixelCriterion(nn.Module):
         self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         k = self.num_classes
-        onehot = F.one_hot(labels.clamp(0, k - 1), k).permute(0, 3, 1, 2).float()  # [B, K, H, W]
-        present = (onehot * valid[:, None]).flatten(2).any(-1)
-        num_masks = max(float(present.sum().item()), 1.0)
+        classes = torch.arange(k, device=labels.device)[:, None]
+        # classes present per image (ignored pixels excluded), counted over the batch
+        num_masks = max(float(sum(int(labels[b][valid[b]].unique().numel()) for b in range(len(labels)))), 1.0)
         focal, dice = _zero(logits), _zero(logits)
         for b in range(logits.shape[0]):
             keep = valid[b].flatten()
             if not keep.any():
                 continue
             x = logits[b].flatten(1)[:, keep]
-            t = onehot[b].flatten(1)[:, keep]
+            t = labels[b].flatten()[keep][None, :] == classes  # [K, P] bool: one byte a pixel, not a float one-hot
             f, d = focal_dice_loss(x, t, self.focal_alpha, self.focal_gamma)
             focal = focal + f.sum() / num_masks
             dice = dice + d.sum() / num_masks

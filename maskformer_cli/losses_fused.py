@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Elements of one chunk's full-resolution tensors: ~2 MiB in fp32 on a CPU (cache-sized); on a GPU
 # large enough to fill the device while bounding the loss's transient memory.
@@ -120,6 +121,7 @@ class _FocalDice(torch.autograd.Function):
         return focal, dice
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written: a second derivative must fail loudly, not be wrong
     def backward(ctx, grad_focal, grad_dice):  # noqa: ANN001 - autograd signature
         logits, targets = ctx.saved_tensors
         alpha, gamma, size = ctx.alpha, ctx.gamma, ctx.size

@@ -109,3 +109,12 @@ def test_values_and_gradients_at_a_non_integer_scale():
         (focal.sum() + 2 * dice.sum()).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_second_derivative_fails_loudly():
+    logits, targets = _case(m=2)
+    x = logits.clone().requires_grad_()
+    focal, dice = focal_dice_loss(x, targets)
+    (g,) = torch.autograd.grad(focal.sum() + dice.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        g.sum().backward()

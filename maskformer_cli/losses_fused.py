@@ -71,8 +71,9 @@ def _upsample_backward(grad: torch.Tensor, low_size: tuple[int, int]) -> torch.T
     """Gradient of bilinear upsampling (align_corners=False): [c, H, W] -> [c, h, w].
 
     For integer factors (training: targets are padded to a multiple of the mask stride) a separable
-    stencil, a small matrix product per axis, deterministic on every device and ~3x faster on a CPU than
-    aten's scatter; other sizes use aten's kernel.
+    stencil, a small matrix product per axis: no atomic adds (aten's CUDA kernel has them, and refuses to
+    run under torch.use_deterministic_algorithms) and ~3x faster on a CPU than aten's scatter. Other sizes
+    use aten's kernel.
     """
     c, big_h, big_w = grad.shape
     h, w = low_size

@@ -118,3 +118,18 @@ def test_second_derivative_fails_loudly():
     (g,) = torch.autograd.grad(focal.sum() + dice.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad"):
         g.sum().backward()
+
+
+def test_extreme_logits_stay_finite_and_agree():
+    # confident right and confident wrong pixels, far past where sigmoid saturates in fp32
+    x = torch.tensor([[[-1e4, -100.0, -30.0, 0.0], [30.0, 100.0, 1e4, 5.0]]], dtype=torch.float32)
+    t = torch.tensor([[[True, False, True, False], [True, False, True, True]]])
+    got = x.clone().requires_grad_()
+    focal, dice = focal_dice_loss(got, t)
+    (focal.sum() + dice.sum()).backward()
+    want = x.double().clone().requires_grad_()
+    f64, d64 = _reference(want, t)
+    (f64.sum() + d64.sum()).backward()
+    assert torch.isfinite(focal).all() and torch.isfinite(dice).all() and torch.isfinite(got.grad).all()
+    torch.testing.assert_close(focal.double(), f64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (tiny sizes, one step): they are what a GPU session runs first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=BENCH.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_bench_mask_loss_runs_and_checks_agreement():
+    out = _run("bench_mask_loss.py", "--masks", "3", "--size", "64", "--layers", "2", "--steps", "1",
+               "--device", "cpu")
+    assert "fused is" in out and "plain" in out
+
+
+@pytest.mark.slow
+def test_bench_train_step_runs():
+    pytest.importorskip("transformers")
+    out = _run("bench_train_step.py", "--size", "64", "--steps", "1", "--device", "cpu", "--precision", "bf16")
+    assert out.count("speed-up") == 2 and "matcher share" in out

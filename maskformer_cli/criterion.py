@@ -90,7 +90,8 @@ class SetCriterion(nn.Module):
     num_classes: K (the no-object class is index K of pred_logits).
     matcher: HungarianMatcher (paper), FixedMatcher (Table 4) or BoxMatcher (Table 5; adds loss_bbox and
         loss_giou on outputs.pred_boxes, masks still trained with focal + dice).
-    num_points: 0 = dense mask losses on predictions upsampled (bilinear) to the target size (paper);
+    num_points: 0 = dense mask losses on predictions upsampled (bilinear) to the target size (paper;
+        computed by losses_fused.focal_dice_loss without storing the upsampled logits);
         > 0 = losses on that many points per mask, chosen by uncertainty (Mask2Former).
     forward(outputs, targets) -> {loss_ce, loss_focal, loss_dice[, loss_bbox, loss_giou]} and the same
     keys with suffix _i for outputs.aux_outputs[i]; `weighted_total` turns them into the training loss.

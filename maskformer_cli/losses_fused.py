@@ -106,7 +106,8 @@ class _FocalDice(torch.autograd.Function):
         pixels = targets[0].numel() if n else 0
         rows = _chunk_rows(n, pixels, logits.device)
         focal = logits.new_empty(n)
-        dice = logits.new_empty(n)
+        inter = logits.new_empty(n)  # sum p t per mask, and D = sum p + sum t + 1: kept for the backward
+        denom = logits.new_empty(n)
         for s in range(0, n, rows):
             x = _upsample(logits[s : s + rows], size)
             t = targets[s : s + rows].reshape(x.shape[0], -1).to(x.dtype)
@@ -115,16 +116,17 @@ class _FocalDice(torch.autograd.Function):
             if a_t is not None:
                 loss.mul_(a_t)
             focal[s : s + rows] = loss.mean(1)
-            inter = torch.linalg.vecdot(p, t)
-            dice[s : s + rows] = 1 - (2 * inter + 1) / (p.sum(1) + t.sum(1) + 1)
-        ctx.save_for_backward(logits, targets)
+            inter[s : s + rows] = torch.linalg.vecdot(p, t)
+            denom[s : s + rows] = p.sum(1) + t.sum(1) + 1
+        dice = 1 - (2 * inter + 1) / denom
+        ctx.save_for_backward(logits, targets, inter, denom)
         ctx.alpha, ctx.gamma, ctx.size = alpha, gamma, size
         return focal, dice
 
     @staticmethod
     @once_differentiable  # the backward is hand-written: a second derivative must fail loudly, not be wrong
     def backward(ctx, grad_focal, grad_dice):  # noqa: ANN001 - autograd signature
-        logits, targets = ctx.saved_tensors
+        logits, targets, inter, denom = ctx.saved_tensors
         alpha, gamma, size = ctx.alpha, ctx.gamma, ctx.size
         n = logits.shape[0]
         pixels = targets[0].numel() if n else 0
@@ -143,10 +145,9 @@ class _FocalDice(torch.autograd.Function):
             p, ce, q, a_t = _terms(x, t, alpha, gamma)
             s_p = p * (1 - p)  # dp/dx
             # dice: (2I + 1 - 2 t D) / D^2 * p(1-p), times the incoming gradient of each mask
-            inter = torch.linalg.vecdot(p, t)
-            denom = p.sum(1) + t.sum(1) + 1
-            g_d = grad_dice[s : s + rows] / denom**2
-            g = (t * (-2 * denom * g_d)[:, None]).add_(((2 * inter + 1) * g_d)[:, None]).mul_(s_p)
+            i_c, d_c = inter[s : s + rows], denom[s : s + rows]
+            g_d = grad_dice[s : s + rows] / d_c**2
+            g = (t * (-2 * d_c * g_d)[:, None]).add_(((2 * i_c + 1) * g_d)[:, None]).mul_(s_p)
             # focal: a_t ((p - t) q^gamma + gamma ce q^(gamma-1) p(1-p)(1-2t)) / P
             q_g1 = q.pow(gamma - 1) if gamma != 2 else q
             one_minus_2t = (t * -2).add_(1)

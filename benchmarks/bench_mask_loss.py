@@ -18,11 +18,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_common import alternate
 
 from maskformer_cli.losses import dice_loss, sigmoid_focal_loss
 from maskformer_cli.losses_fused import focal_dice_loss
@@ -58,26 +58,13 @@ def step(fn, logits, targets) -> None:
     sum(fn(x, targets) for x in leaves).backward()
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timings(args, device) -> dict[str, float]:
-    """Median seconds per step of each variant, the variants alternating step by step (a shared machine's
-    drifts then hit both alike)."""
+    """Median seconds per step of each variant, the variants alternating step by step."""
     logits, targets = make_inputs(args, device)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for fn in VARIANTS.values():
-        step(fn, logits, targets)  # warm-up
-    for _ in range(args.steps):
-        for name, fn in VARIANTS.items():
-            sync(device)
-            t = time.perf_counter()
-            step(fn, logits, targets)
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    steps = {name: (lambda fn=fn: step(fn, logits, targets)) for name, fn in VARIANTS.items()}
+    for warm_up in steps.values():
+        warm_up()
+    return {name: statistics.median(ts) for name, ts in alternate(steps, args.steps, device).items()}
 
 
 def cuda_peak(args, device, name: str) -> float:

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from bench_common import alternate, sync
 
 
 def make_targets(batch: int, size: int, num_classes: int, device, seed: int = 0):
@@ -33,20 +34,6 @@ def make_targets(batch: int, size: int, num_classes: int, device, seed: int = 0)
         keep = masks.flatten(1).any(1)
         out.append((classes[keep].to(device), masks[keep].to(device)))
     return out
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device) -> float:
-    """Seconds of one call of fn, the device synchronised before and after."""
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
 
 
 def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[float], float]:
@@ -118,15 +105,13 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
 
     step_hf()  # warm-ups: allocations, cudnn autotune
     step_ours()
-    # Alternate the two, step by step, so that drifts of a shared machine's speed hit both alike.
-    t_hf, t_ours = [], []
-    for _ in range(args.steps):
-        t_hf.append(timed(step_hf, device))
-        matcher_mod.HungarianMatcher.__call__ = timed_match
-        try:
-            t_ours.append(timed(step_ours, device))
-        finally:
-            matcher_mod.HungarianMatcher.__call__ = real_call
+    # Only our step calls HungarianMatcher (transformers has its own), so the tally is ours alone.
+    matcher_mod.HungarianMatcher.__call__ = timed_match
+    try:
+        times = alternate({"transformers": step_hf, "maskformer": step_ours}, args.steps, device)
+    finally:
+        matcher_mod.HungarianMatcher.__call__ = real_call
+    t_hf, t_ours = times["transformers"], times["maskformer"]
     return t_hf, t_ours, matcher_time[0] / sum(t_ours)
 
 

@@ -19,6 +19,12 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A datasets root shared by a test module (the synthetic dataset is generated into it once)."""
+    return tmp_path_factory.mktemp("datasets")
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -13,23 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_recipe import TINY
+from tiny_recipe import read_jsonl, tiny
 
-from maskformer_cli.config import dump_recipe, load_recipe
+from maskformer_cli.config import dump_recipe
 from maskformer_cli.losses_fused import focal_dice_loss
 from maskformer_cli.train import train
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("datasets")
-
-
 def _train_losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
 
 def test_fused_mask_loss_on_cuda_equals_float64_cpu():
@@ -48,8 +42,7 @@ def test_fused_mask_loss_on_cuda_equals_float64_cpu():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_tiny_training_on_cuda(tmp_path, data_root, precision):
-    recipe = load_recipe(None, [*TINY, f"data.root={data_root}", "solver.max_iters=4", "solver.eval_every=4",
-                                f"solver.precision={precision}"])
+    recipe = tiny(data_root, "solver.max_iters=4", "solver.eval_every=4", f"solver.precision={precision}")
     res = train(recipe, run_dir=tmp_path / precision, device="cuda", quiet=True)
     losses = _train_losses(res.run_dir)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
@@ -62,8 +55,7 @@ def test_fp16_and_bf16_start_where_fp32_starts(tmp_path, data_root):
     """Same weights, same first batch: autocast changes the first loss by rounding only."""
     first = {}
     for precision in ("fp32", "bf16", "fp16"):
-        recipe = load_recipe(None, [*TINY, f"data.root={data_root}", "solver.max_iters=1", "solver.seed=3",
-                                    f"solver.precision={precision}"])
+        recipe = tiny(data_root, "solver.max_iters=1", "solver.seed=3", f"solver.precision={precision}")
         first[precision] = _train_losses(train(recipe, run_dir=tmp_path / precision, device="cuda",
                                                quiet=True).run_dir)[0]
     assert first["fp16"] == pytest.approx(first["fp32"], rel=2e-2)
@@ -73,8 +65,7 @@ def test_fp16_and_bf16_start_where_fp32_starts(tmp_path, data_root):
 def test_cli_gpus_relaunches_under_torchrun_with_nccl(tmp_path, data_root):
     n = torch.cuda.device_count()
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(dump_recipe(load_recipe(None, [*TINY, f"data.root={data_root}", "solver.max_iters=2",
-                                                     f"solver.batch_size={2 * n}"])))
+    recipe.write_text(dump_recipe(tiny(data_root, "solver.max_iters=2", f"solver.batch_size={2 * n}")))
     run_dir = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "maskformer_cli", "train", str(recipe), "--gpus", str(n),
                         "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=600)

@@ -13,24 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_recipe import TINY
+from tiny_recipe import TINY, read_jsonl, tiny
 
 from maskformer_cli.config import load_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.train import train
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("datasets")
-
-
-def tiny(data_root, *extra: str):
-    return load_recipe(None, [*TINY, f"data.root={data_root}", *extra])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_run_directory_explains_itself(tmp_path, data_root):

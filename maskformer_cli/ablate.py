@@ -34,7 +34,16 @@ from typing import Any
 import yaml
 
 from maskformer_cli.ablate_table import Row, build_rows, render_markdown, render_rich, write_csv
-from maskformer_cli.config import ConfigError, Recipe, dump_recipe, from_dict, read_yaml, suggest, to_dict
+from maskformer_cli.config import (
+    ConfigError,
+    Recipe,
+    dump_recipe,
+    from_dict,
+    read_yaml,
+    section,
+    suggest,
+    to_dict,
+)
 from maskformer_cli.errors import UserError
 
 ABLATION_KEYS = ("name", "description", "metrics", "gpus", "evaluate_only", "base", "variants", "paper")
@@ -112,12 +121,10 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str 
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{where}: variant keys must be dotted strings like 'model.num_queries', got {key!r}")
         parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section (in '{key}')")
-            node = nxt
+        try:
+            node = section(out, parts[:-1], key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         leaf = parts[-1]
         if isinstance(value, dict) and isinstance(node.get(leaf), dict | None):
             node[leaf] = apply_overrides(node.get(leaf) or {}, value, where)

@@ -371,14 +371,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
+def section(data: dict[str, Any], path: Sequence[str], key: str) -> dict[str, Any]:
+    """The mapping at `path` in `data`, created where absent; `key` (the dotted override being set) names
+    the culprit when a step of the path holds a value instead of a section."""
     node = data
-    for part in path[:-1]:
+    for i, part in enumerate(path):
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+            raise ConfigError(f"override '{key}': '{'.'.join(path[: i + 1])}' is not a section")
         node = nxt
-    node[path[-1]] = value
+    return node
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -416,7 +418,7 @@ def _with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if sections is not None and keys[0] not in sections:
             raise ConfigError(f"override '{text}': only {' / '.join(s + '.*' for s in sections)} keys can change "
                               f"here (the model comes from the checkpoint)")
-        _set_nested(data, keys, value)
+        section(data, keys[:-1], ".".join(keys))[keys[-1]] = value
     return from_dict(Recipe, data)
 
 

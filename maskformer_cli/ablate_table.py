@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from maskformer_cli.ablate import Ablation
+    from maskformer_cli.ablation_file import Ablation
 
 
 @dataclass

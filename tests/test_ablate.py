@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from maskformer_cli.ablate import apply_overrides, load_ablation, run_ablate, slugify
+from maskformer_cli.ablate import run_ablate
+from maskformer_cli.ablation_file import apply_overrides, load_ablation, slugify
 from maskformer_cli.config import ConfigError, load_recipe, to_dict
 from maskformer_cli.errors import UserError
 

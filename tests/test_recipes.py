@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskformer_cli.ablate import load_ablation
+from maskformer_cli.ablation_file import load_ablation
 from maskformer_cli.config import Recipe, load_recipe
 from maskformer_cli.data.build import dataset_info
 from maskformer_cli.data.catalog import available

@@ -10,7 +10,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from maskformer_cli import distributed as dist
 from maskformer_cli.inference import (
     crop_and_resize,
+    detr_panoptic_inference,
     general_inference,
     iterative_inference,
     panoptic_inference,
@@ -57,6 +58,11 @@ class StepResult:
     overflow: bool = False
     """fp16 only: the grad scaler found inf/NaN gradients and skipped the step itself (routine while it
     calibrates its scale); not counted by the non-finite policy."""
+    empty: bool = False
+    """Skipped because a micro-batch held no sample (all of its samples were bad files); under DDP, because
+    one did on any rank. Not counted by the non-finite policy."""
+    samples: int = -1
+    """Samples in the step's micro-batches, summed over ranks (bad files excluded; -1: not counted)."""
 
 
 def train_step(
@@ -76,8 +82,24 @@ def train_step(
     Each micro-batch loss is divided by the number of micro-batches, so accumulating k batches of b images
     gives the gradient of one batch of k*b images (the criterion already normalises by the number of masks).
     A non-finite loss or gradient norm (agreed across ranks) skips the step: gradients are dropped.
+    An empty micro-batch (every sample a skipped bad file; the network cannot run on it) is left out in a
+    single process; under DDP the whole step is skipped on every rank when any rank has one, since the
+    criterion and the gradient all-reduce are collectives that every rank must run equally often.
     """
     optimizer.zero_grad(set_to_none=True)
+    sizes = [len(b) for b in micro_batches]
+    if dist.get_world_size() > 1:
+        # one small collective: [micro-batches without a sample, samples], summed over ranks
+        empty, samples = (int(v) for v in dist.all_reduce_sum(
+            torch.tensor([sum(k == 0 for k in sizes), sum(sizes)], device=device)).tolist())
+        if empty:
+            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True,
+                              samples=samples)
+    else:
+        samples = sum(sizes)
+        micro_batches = [b for b, k in zip(micro_batches, sizes, strict=True) if k]
+        if not micro_batches:
+            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=0)
     n = len(micro_batches)
     totals: list[float] = []
     named: dict[str, float] = {}
@@ -122,18 +144,19 @@ def train_step(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=True, overflow=True)
+        return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=True, overflow=True,
+                          samples=samples)
     if loss_bad or grad_bad:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
-        return StepResult(total=float("nan"), losses=named, grad_norm=grad_norm, skipped=True)
+        return StepResult(total=float("nan"), losses=named, grad_norm=grad_norm, skipped=True, samples=samples)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=False)
+    return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=False, samples=samples)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -146,6 +169,10 @@ class EvalSpec:
     metrics: subset of {"miou", "pq", "pq-stuff"}.
     mode: semantic | general | iterative | panoptic (the inference that produces the semantic map; PQ always
           uses panoptic inference).
+    panoptic_postprocessing: maskformer (panoptic_inference: object_mask_threshold, overlap_threshold) | detr
+          (detr_panoptic_inference: detr_threshold), the post-processing that makes PQ's segments.
+    tta: multi-scale + flip for the semantic map (mIoU, PQ-stuff); PQ stays single-scale, since averaged
+         per-pixel probabilities leave no segments to match.
     """
 
     metrics: tuple[str, ...]
@@ -155,6 +182,8 @@ class EvalSpec:
     thing_ids: tuple[int, ...] = ()
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
+    panoptic_postprocessing: str = "maskformer"
+    detr_threshold: float = 0.85
     general_threshold: float = 0.3
     iterative_ratio: float = 0.3
     tta: bool = False
@@ -203,20 +232,32 @@ class Evaluator:
         self.add(pred, meta)
         return pred
 
-    def predict(self, class_logits, mask_logits) -> dict:
+    def predict(self, class_logits, mask_logits, pq_class_logits=None, pq_mask_logits=None) -> dict:
         """The predictions the requested metrics need, from one image's outputs (no state is touched, so a
-        failed attempt can be redone elsewhere)."""
+        failed attempt can be redone elsewhere). pq_*: the single-scale (class_logits [Q,K+1],
+        mask_logits [Q,H,W]) PQ uses when the semantic scores are test-time-augmented; default: the same."""
         spec = self.spec
         pred: dict = {}
         if self.semantic is not None or self.pq_stuff is not None:
             pred["sem_seg"] = semantic_prediction(class_logits, mask_logits, spec)
         if self.panoptic is not None:
-            if class_logits is None:
-                raise ValueError("PQ needs a mask-classification model (per-pixel baselines give semantic maps)")
-            pred["panoptic"] = panoptic_inference(
-                class_logits, mask_logits, thing_ids=spec.thing_ids,
-                object_mask_threshold=spec.object_mask_threshold, overlap_threshold=spec.overlap_threshold,
-            )
+            if pq_mask_logits is None:
+                pq_class_logits, pq_mask_logits = class_logits, mask_logits
+            if pq_class_logits is None:
+                raise ValueError("PQ needs the class and mask logits of a mask-classification model; got per-pixel "
+                                 "class scores (a per-pixel baseline, or test-time augmentation without the "
+                                 "single-scale outputs)")
+            if spec.panoptic_postprocessing == "detr":
+                pred["panoptic"] = detr_panoptic_inference(
+                    pq_class_logits, pq_mask_logits, thing_ids=spec.thing_ids, threshold=spec.detr_threshold,
+                )
+            elif spec.panoptic_postprocessing == "maskformer":
+                pred["panoptic"] = panoptic_inference(
+                    pq_class_logits, pq_mask_logits, thing_ids=spec.thing_ids,
+                    object_mask_threshold=spec.object_mask_threshold, overlap_threshold=spec.overlap_threshold,
+                )
+            else:
+                raise ValueError(f"unknown panoptic post-processing {spec.panoptic_postprocessing!r}")
         return pred
 
     def add(self, pred: dict, meta: dict) -> None:
@@ -259,7 +300,7 @@ class Evaluator:
         if per_class:
             rows = list(per_class.values())
             for r in rows:
-                i = r.get("class")
+                i = r.get("class", r.get("id"))
                 if isinstance(i, int) and i < len(self.class_names):
                     r["name"] = self.class_names[i]
             out["per_class"] = rows
@@ -271,11 +312,9 @@ def load_semantic_gt(meta: dict, ignore_label: int) -> torch.Tensor:
     if "sem_seg" in meta:
         return meta["sem_seg"]
     if "sem_seg_file" not in meta:  # a panoptic dataset: the semantic map is its segments' categories
-        ids, segments = load_panoptic_gt(meta)
-        lut = {int(s["id"]): int(s["category_id"]) for s in segments}
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        labels = torch.tensor([lut.get(int(u), ignore_label) for u in uniq], dtype=torch.int64)
-        return labels[inverse]
+        from maskformer_cli.data.datasets import segments_to_categories
+
+        return segments_to_categories(*load_panoptic_gt(meta), ignore_label)
     from PIL import Image
 
     with Image.open(meta["sem_seg_file"]) as im:
@@ -310,18 +349,12 @@ def evaluate(
     net = unwrap(model)
     evaluator = Evaluator(spec, class_names)
     for batch in loader:
-        images = batch.images.to(device)
-        out_sizes = [(m["height"], m["width"]) for m in batch.metas]
-        if spec.tta:
-            per_image = _tta_scores(net, batch, spec, device, precision)
-        else:
-            with autocast(device, precision):
-                outputs = net(normalize(images))
-            outputs = _to_float(outputs)
-            per_image = _cpu_fallback(_per_image_scores, outputs, batch.image_sizes, tuple(images.shape[-2:]),
-                                      out_sizes)
-        for (cls, masks), meta in zip(per_image, batch.metas, strict=True):
-            pred = _cpu_fallback(evaluator.predict, cls, masks)
+        per_image = infer_batch(net, batch, spec, device=device, precision=precision)
+        # PQ stays single-scale under test-time augmentation (its averaged probabilities have no segments)
+        pq_image = (infer_batch(net, batch, replace(spec, tta=False), device=device, precision=precision)
+                    if spec.tta and evaluator.panoptic is not None else [(None, None)] * len(per_image))
+        for (cls, masks), (pq_cls, pq_masks), meta in zip(per_image, pq_image, batch.metas, strict=True):
+            pred = _cpu_fallback(evaluator.predict, cls, masks, pq_cls, pq_masks)
             evaluator.add(pred, meta)
             if on_prediction is not None:
                 on_prediction(pred, meta)
@@ -330,6 +363,26 @@ def evaluate(
     evaluator.synchronize()
     model.train(was_training)
     return evaluator.compute()
+
+
+@torch.no_grad()
+def infer_batch(net: nn.Module, batch, spec: EvalSpec, *, device: torch.device, precision: str = "fp32"
+                ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """The network's outputs for each image of a padded batch, at the image's original size.
+
+    Returns per image (class_logits [Q, K+1], mask_logits [Q, H, W]) for mask classification, or
+    (None, class scores [K, H, W]) for per-pixel baselines and under test-time augmentation (log-probs),
+    H, W = meta height / width. `evaluate` and `predict` both go through here, so saved predictions equal
+    the evaluated ones.
+    """
+    images = batch.images.to(device)
+    if spec.tta:
+        return _tta_scores(net, batch, spec, device, precision)
+    out_sizes = [(m["height"], m["width"]) for m in batch.metas]
+    with autocast(device, precision):
+        outputs = net(normalize(images))
+    outputs = _to_float(outputs)
+    return _cpu_fallback(_per_image_scores, outputs, batch.image_sizes, tuple(images.shape[-2:]), out_sizes)
 
 
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)

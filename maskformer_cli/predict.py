@@ -1,25 +1,34 @@
 """`maskformer predict`: segment image files with any checkpoint and write pictures and standard formats.
 
-Outputs under --out:
-  overlays/<stem>.png     image blended with the prediction, legend of the classes present
-  labels/<stem>.png       semantic label map (uint8, uint16 when K > 255), contiguous class ids
-  panoptic/<stem>.png     (panoptic) COCO panoptic PNG, id = R + 256 G + 256^2 B; panoptic.json alongside
+Outputs under --out, named by the image's file stem (inputs that share a stem get their path relative to
+the inputs' common folder, `a/x.jpg` -> `a__x`; manifest.json maps every input to its name):
+  overlays/<name>.png     image blended with the prediction, legend of the classes present
+  labels/<name>.png       semantic label map (uint8, uint16 when K > 255), contiguous class ids 0..K-1
+  panoptic/<name>.png     (panoptic) COCO panoptic PNG, id = R + 256 G + 256^2 B; panoptic.json alongside
   instances.json          (instance / panoptic) COCO results with RLE masks and scores
   semantic_rle.json       (semantic) one COCO RLE per class present per image
   manifest.json           per-image status, sizes and milliseconds; unreadable inputs listed as skipped
+The JSON files use the dataset's category ids (COCO: 1..200; without a dataset 1..K), as COCO tools
+expect; the label PNGs use the contiguous ids 0..K-1 that training and `evaluate --predictions` use.
+
+Images go through the same test-time resize, padding, network call and post-processing as `evaluate`
+(`engine.infer_batch`), so `predict` + `evaluate --predictions` gives the numbers of `evaluate CKPT`.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
 import time
+from collections import Counter
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
@@ -27,6 +36,10 @@ from maskformer_cli.reporting import console, overlay, progress_bar, segment_bou
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TASKS = ("semantic", "panoptic", "instance")
+# What a predict run writes: replaced as a whole with --exist-ok, so no file of an earlier run survives
+# to be mistaken for this one's (e.g. an old panoptic.json beside new semantic labels).
+OUTPUTS = ("overlays", "labels", "panoptic", "panoptic.json", "instances.json", "semantic_rle.json",
+           "manifest.json")
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -35,7 +48,12 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            entries = sorted(p.iterdir())
+            out += [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+            subdirs = sum(1 for f in entries if f.is_dir())
+            if subdirs:
+                console.print(f"[dim]{p}: {subdirs} sub-folder(s) not searched; use a glob such as "
+                              f"'{p}/**/*.jpg' to include them[/]")
         elif p.exists():
             out.append(p)
         else:
@@ -53,151 +71,202 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H,W,3] with EXIF orientation applied; raises on unreadable or truncated files."""
-    from PIL import Image, ImageOps
+def output_names(files: list[Path]) -> list[str]:
+    """One output name per input file, unique: the file's stem, except where stems collide (the same name
+    in two folders, or x.jpg beside x.png): those get their path relative to the inputs' common folder,
+    folders joined by '__', and their extension if that is still ambiguous."""
+    stems = [f.stem for f in files]
+    counts = Counter(stems)
+    if len(counts) == len(stems):
+        return stems
+    resolved = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([r.parent for r in resolved]))
+    names = [s if counts[s] == 1 else "__".join(r.relative_to(root).with_suffix("").parts)
+             for s, r in zip(stems, resolved, strict=True)]
+    counts = Counter(names)
+    names = [n if counts[n] == 1 else f"{n}_{f.suffix.lstrip('.').lower()}" for n, f in zip(names, files, strict=True)]
+    counts, seen = Counter(names), Counter()
+    out = []
+    for n in names:  # still equal (x.JPG and x.jpg): number them
+        seen[n] += 1
+        out.append(n if counts[n] == 1 else f"{n}_{seen[n]}")
+    return out
 
-    with Image.open(path) as im:
-        im.load()
-        return np.array(ImageOps.exif_transpose(im).convert("RGB"))
+
+def prepare_out(out: Path, exist_ok: bool) -> None:
+    """Make `out`; refuse to mix with an earlier run's outputs unless `exist_ok`, which removes them first."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    old = [out / name for name in OUTPUTS if (out / name).exists()]
+    if old and not exist_ok:
+        raise UserError(f"--out {out} already holds predictions ({', '.join(p.name for p in old)}): pass "
+                        f"--exist-ok to replace them, or choose another --out")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
-def resize_for_test(image: torch.Tensor, short_side: int | None, max_long: int) -> torch.Tensor:
-    """[3,H,W] uint8 -> float [3,h,w] with the shorter side = short_side (long side capped)."""
-    h, w = image.shape[-2:]
-    x = image.float()[None]
-    if not short_side:
-        return x[0]
-    scale = min(short_side / min(h, w), max_long / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size == (h, w):
-        return x[0]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as evaluation samples: the test-time resize of `transform`, an empty target, and the
+    original RGB in meta["rgb"] for the overlays. Unreadable files give None (collate drops them) and are
+    recorded in `skipped` (read in the main process: num_workers=0)."""
+
+    def __init__(self, files: list[Path], transform) -> None:
+        self.files, self.transform = files, transform
+        self.skipped: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from maskformer_cli.data.datasets import Sample, read_image, semantic_target
+
+        path = self.files[index]
+        try:
+            rgb = read_image(path)
+        except Exception as e:  # unreadable inputs are listed and skipped; the rest complete
+            msg = str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"
+            self.skipped.append({"file": str(path), "error": msg})
+            return None
+        h, w = rgb.shape[:2]
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        image, labels = self.transform(image, torch.zeros((1, h, w), dtype=torch.uint8), (0,))
+        meta = {"file_name": str(path), "index": index, "height": h, "width": w, "rgb": rgb}
+        return Sample(image, semantic_target(labels[0], 0), meta)
 
 
 def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, dataset: str | None, device: str,
-                overrides: list[str] | tuple[str, ...] = ()) -> None:
+                overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False, batch_size: int = 1) -> None:
     from maskformer_cli.distributed import resolve_device
     from maskformer_cli.weights import load_for_inference
 
     if task not in TASKS:
         raise UserError(f"--task {task!r}: choose semantic, panoptic or instance")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     files = collect_inputs(inputs)
+    prepare_out(out, exist_ok)  # before the model loads: a wrong --out fails in a second, not a minute
     dev = resolve_device(device)
     loaded = load_for_inference(weights, dev, dataset=dataset)
-    # e.g. a lower panoptic threshold for images unlike the training set
-    loaded = replace(loaded, recipe=override_recipe(loaded.recipe, overrides, sections=("inference",)))
+    # e.g. a lower panoptic threshold for images unlike the training set, or another test size
+    loaded = replace(loaded, recipe=override_recipe(loaded.recipe, overrides, sections=("inference", "data")))
     if task != "semantic" and loaded.recipe.model.meta_architecture != "maskformer":
         raise UserError(f"--task {task} needs a mask-classification model; this checkpoint is a per-pixel baseline")
+    inf = loaded.recipe.inference
+    if task != "semantic" and inf.tta:
+        raise UserError("inference.tta averages semantic class scores over scales and flips: use it with "
+                        "--task semantic (panoptic and instance predictions are single-scale, as in the paper)")
+    if task != "semantic" and inf.mode in ("general", "iterative"):
+        raise UserError(f"inference.mode={inf.mode} makes semantic maps: use it with --task semantic")
     info = loaded.info()
     if dataset is not None:
         from maskformer_cli.data.catalog import get_dataset_info
 
         info = get_dataset_info(dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    result = predict_files(loaded, info, files, task=task, out=out, device=dev)
-    n_ok = sum(1 for r in result["images"] if r["status"] == "ok")
+    if task != "semantic" and not info.thing_ids:
+        console.print("[yellow]no thing classes known for these weights: every class is treated as stuff "
+                      "(one segment per class); pass --dataset with a panoptic dataset for instances[/]")
+    result = predict_files(loaded, info, files, task=task, out=out, device=dev, batch_size=batch_size)
+    n_ok = len(result["images"])
     console.print(f"predicted {n_ok}/{len(files)} images -> {out}")
     if result["skipped"]:
-        console.print(f"[yellow]skipped {len(result['skipped'])} unreadable inputs:[/] "
+        first = result["skipped"][0]
+        if n_ok == 0:
+            raise UserError(f"none of the {len(files)} inputs could be read as an image (first: {first['error']}); "
+                            f"see {out / 'manifest.json'}")
+        console.print(f"[yellow]skipped {len(result['skipped'])} unreadable input(s):[/] "
                       + ", ".join(s["file"] for s in result["skipped"][:10]))
 
 
 @torch.no_grad()
-def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, device: torch.device) -> dict:
+def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, device: torch.device,
+                  batch_size: int = 1) -> dict:
     from pycocotools import mask as mask_utils
+    from torch.utils.data import DataLoader
 
-    from maskformer_cli.inference import (
-        crop_and_resize,
-        instance_inference,
-        panoptic_inference,
-        semantic_inference,
-    )
-    from maskformer_cli.models import normalize
-    from maskformer_cli.structures import PerPixelOutput
+    from maskformer_cli.data.collate import collate
+    from maskformer_cli.data.transforms import build_transforms
+    from maskformer_cli.engine import infer_batch, semantic_prediction
+    from maskformer_cli.inference import detr_panoptic_inference, instance_inference, panoptic_inference
+    from maskformer_cli.train import eval_spec
 
-    rc, data = loaded.recipe, loaded.recipe.data
-    inf = rc.inference
-    short = data.test_short_side if data.test_short_side is not None else data.crop_size[0]
+    rc = loaded.recipe
+    spec = eval_spec(rc, info, metrics=())
     colors = [info.color(i) for i in range(info.num_classes)]
     names = list(info.classes)
     dataset_ids = list(info.dataset_ids) if info.dataset_ids else list(range(1, info.num_classes + 1))
     for sub in ("overlays", "labels") + (("panoptic",) if task == "panoptic" else ()):
         (out / sub).mkdir(exist_ok=True)
-    manifest, skipped, pan_anns, rle_results = [], [], [], []
+    stems = output_names(files)
+    ds = ImageFiles(files, build_transforms(rc.data, train=False))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=0,
+                        collate_fn=partial(collate, size_divisibility=rc.data.size_divisibility, ignore_label=0))
+    manifest, pan_anns, rle_results = [], [], []
+    net = loaded.model
     with progress_bar("predict", len(files)) as bar:
         tid = bar.add_task("predict", total=len(files))
-        for image_id, path in enumerate(files):
+        for batch in loader:
             t0 = time.perf_counter()
-            try:
-                img = read_image(path)
-            except Exception as e:  # unreadable inputs are listed and skipped; the rest complete
-                skipped.append({"file": str(path), "error": f"{e.__class__.__name__}: {e}"})
-                bar.advance(tid)
-                continue
-            H, W = img.shape[:2]
-            x = resize_for_test(torch.from_numpy(img).permute(2, 0, 1), short, data.test_max_long_side)
-            h, w = x.shape[-2:]
-            d = data.size_divisibility
-            ph, pw = (h + d - 1) // d * d, (w + d - 1) // d * d
-            padded = torch.zeros(1, 3, ph, pw)
-            padded[0, :, :h, :w] = x
-            outputs = loaded.model(normalize(padded.to(device)))
-            stem = path.stem
-            if isinstance(outputs, PerPixelOutput):
-                logits = crop_and_resize(outputs.sem_seg_logits.float(), [(h, w)], (ph, pw), [(H, W)])[0]
-                sem = logits.argmax(0)
-            else:
-                masks = crop_and_resize(outputs.pred_masks.float(), [(h, w)], (ph, pw), [(H, W)])[0]
-                cls = outputs.pred_logits[0].float()
-                sem = semantic_inference(cls, masks).argmax(0)
-            labels = sem.cpu().numpy()
-            record = {"file": str(path), "status": "ok", "height": H, "width": W}
-            if task == "semantic":
-                _save_label_png(labels, info.num_classes, out / "labels" / f"{stem}.png")
-                for c in np.unique(labels):
-                    rle = mask_utils.encode(np.asfortranarray((labels == c).astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    rle_results.append({"image_id": image_id, "file_name": path.name,
-                                        "category_id": dataset_ids[int(c)], "segmentation": rle})
-                ov = overlay(img, labels, colors, names)
-            else:
-                pan, segments = panoptic_inference(cls, masks, thing_ids=tuple(info.thing_ids),
-                                                   object_mask_threshold=inf.object_mask_threshold,
-                                                   overlap_threshold=inf.overlap_threshold)
-                pan_np = pan.cpu().numpy().astype(np.int64)
-                void = 255 if info.num_classes < 255 else 65535
-                seg_labels = np.full(pan_np.shape, void, np.int64)
-                for s in segments:
-                    seg_labels[pan_np == s["id"]] = s["category_id"]
-                _save_label_png(seg_labels, info.num_classes, out / "labels" / f"{stem}.png")
-                if task == "panoptic":
-                    from PIL import Image
+            per_image = infer_batch(net, batch, spec, device=device) if batch.metas else []
+            for (cls, masks), meta in zip(per_image, batch.metas, strict=True):
+                image_id, path, img = meta["index"], files[meta["index"]], meta["rgb"]
+                stem = stems[image_id]
+                H, W = img.shape[:2]
+                record = {"file": str(path), "output": f"{stem}.png", "status": "ok", "height": H, "width": W}
+                if task == "semantic":
+                    labels = semantic_prediction(cls, masks, spec).cpu().numpy()
+                    _save_label_png(labels, info.num_classes, out / "labels" / f"{stem}.png")
+                    for c in np.unique(labels):
+                        if c >= info.num_classes:  # general inference leaves low-confidence pixels unlabelled
+                            continue
+                        rle = mask_utils.encode(np.asfortranarray((labels == c).astype(np.uint8)))
+                        rle["counts"] = rle["counts"].decode("ascii")
+                        rle_results.append({"image_id": image_id, "file_name": path.name,
+                                            "category_id": dataset_ids[int(c)], "segmentation": rle})
+                    ov = overlay(img, labels, colors, names, ignore_label=spec.ignore_label)
+                else:
+                    if spec.panoptic_postprocessing == "detr":
+                        pan, segments = detr_panoptic_inference(cls, masks, thing_ids=tuple(info.thing_ids),
+                                                                threshold=spec.detr_threshold)
+                    else:
+                        pan, segments = panoptic_inference(cls, masks, thing_ids=tuple(info.thing_ids),
+                                                           object_mask_threshold=spec.object_mask_threshold,
+                                                           overlap_threshold=spec.overlap_threshold)
+                    pan_np = pan.cpu().numpy().astype(np.int64)
+                    void = 255 if info.num_classes < 255 else 65535
+                    seg_labels = np.full(pan_np.shape, void, np.int64)
+                    for s in segments:
+                        seg_labels[pan_np == s["id"]] = s["category_id"]
+                    _save_label_png(seg_labels, info.num_classes, out / "labels" / f"{stem}.png")
+                    if task == "panoptic":
+                        from PIL import Image
 
-                    rgb = np.stack([pan_np % 256, pan_np // 256 % 256, pan_np // 65536], -1).astype(np.uint8)
-                    Image.fromarray(rgb).save(out / "panoptic" / f"{stem}.png")
-                    pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
-                        {"id": int(s["id"]), "category_id": dataset_ids[int(s["category_id"])],
-                         "isthing": bool(s.get("isthing", False)), "score": float(s.get("score", 1.0)),
-                         "area": int(s.get("area", (pan_np == s["id"]).sum()))} for s in segments]})
-                for m, c, score in instance_inference(cls, masks, thing_ids=tuple(info.thing_ids)):
-                    rle = mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    rle_results.append({"image_id": image_id, "file_name": path.name,
-                                        "category_id": dataset_ids[int(c)], "segmentation": rle,
-                                        "score": float(score)})
-                ov = overlay(img, seg_labels, colors, names, ignore_label=void,
-                             boundaries=segment_boundaries(pan_np))
-            ov.save(out / "overlays" / f"{stem}.png")
-            record["ms"] = round(1000 * (time.perf_counter() - t0), 1)
-            manifest.append(record)
-            bar.advance(tid)
+                        rgb = np.stack([pan_np % 256, pan_np // 256 % 256, pan_np // 65536], -1).astype(np.uint8)
+                        Image.fromarray(rgb).save(out / "panoptic" / f"{stem}.png")
+                        pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
+                            {"id": int(s["id"]), "category_id": dataset_ids[int(s["category_id"])],
+                             "isthing": bool(s.get("isthing", False)), "score": float(s.get("score", 1.0)),
+                             "area": int(s.get("area", (pan_np == s["id"]).sum()))} for s in segments]})
+                    for m, c, score in instance_inference(cls, masks, thing_ids=tuple(info.thing_ids)):
+                        rle = mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
+                        rle["counts"] = rle["counts"].decode("ascii")
+                        rle_results.append({"image_id": image_id, "file_name": path.name,
+                                            "category_id": dataset_ids[int(c)], "segmentation": rle,
+                                            "score": float(score)})
+                    ov = overlay(img, seg_labels, colors, names, ignore_label=void,
+                                 boundaries=segment_boundaries(pan_np))
+                ov.save(out / "overlays" / f"{stem}.png")
+                manifest.append(record)
+            for record in manifest[len(manifest) - len(batch.metas):]:  # the batch's time, shared
+                record["ms"] = round(1000 * (time.perf_counter() - t0) / len(batch.metas), 1)
+            bar.advance(tid, len(batch.metas) + batch.num_skipped)
     if task == "panoptic":
         cats = [{"id": dataset_ids[i], "name": n, "isthing": int(i in set(info.thing_ids)),
                  "color": list(colors[i])} for i, n in enumerate(names)]
         (out / "panoptic.json").write_text(json.dumps({"annotations": pan_anns, "categories": cats}))
     (out / ("semantic_rle.json" if task == "semantic" else "instances.json")).write_text(json.dumps(rle_results))
-    result = {"weights": str(loaded.sha256), "task": task, "classes": names, "images": manifest, "skipped": skipped}
+    result = {"weights": str(loaded.sha256), "task": task, "classes": names, "images": manifest,
+              "skipped": ds.skipped}
     (out / "manifest.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -45,48 +45,48 @@ def file_hash(path: Path) -> str:
 
 
 def load_for_inference(path: Path, device: torch.device, dataset: str | None = None) -> LoadedModel:
+    """Any checkpoint (ours, official .pkl/.pth/.pt, HF directory) -> an eval-mode model with its recipe.
+
+    With `dataset`, the model's class count must equal the dataset's (a UserError otherwise, before any
+    image is read), and class names, things and ignore label come from the dataset. Released weights carry
+    no recipe: theirs gets the dataset's task and its single-scale test size (`DatasetInfo.test_size`).
+    """
+    from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    if path.is_file() and path.suffix == ".pt":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise UserError(f"{path}: not a readable maskformer checkpoint ({e.__class__.__name__}: {e})") from None
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
-            raise UserError(f"{path}: not a maskformer checkpoint (expected keys 'model' and 'recipe')")
-        recipe = recipe_from_dict(ckpt["recipe"])
-        classes = tuple(ckpt.get("classes") or ())
-        model = build_model(recipe.model, len(classes))
-        model.load_state_dict(ckpt["model"])
-        thing_ids = tuple(ckpt.get("thing_ids") or ())
-        ignore = int(ckpt.get("ignore_label", 255))
-        ds_name = dataset or ckpt.get("dataset")
+    state, meta = load_checkpoint_weights(path)  # decides by content, not by file suffix
+    info = get_dataset_info(dataset) if dataset else None
+    num_classes = int(meta["num_classes"])
+    if info is not None and info.num_classes != num_classes:
+        raise UserError(f"{path} predicts {num_classes} classes but dataset '{dataset}' has {info.num_classes}: "
+                        f"pass the dataset the weights were trained on, or fine-tune with --init-from")
+    if meta["format"] == "ours":
+        recipe = recipe_from_dict(meta["recipe"])
+        classes = tuple(meta.get("classes") or ())
+        thing_ids = tuple(meta.get("thing_ids") or ())
+        ignore = int(meta.get("ignore_label", 255))
+        ds_name = dataset or meta.get("dataset")
         if dataset is not None:
             recipe = replace(recipe, data=replace(recipe.data, dataset=dataset))
     else:
-        from maskformer_cli.models.convert import load_checkpoint_weights
-
-        state, meta = load_checkpoint_weights(path)
-        model_kwargs = dict(meta.get("model", {}))
-        num_classes = int(meta["num_classes"])
-        mcfg = from_dict(ModelConfig, model_kwargs)
-        info = get_dataset_info(dataset) if dataset else None
-        classes = tuple(meta.get("classes") or (info.classes if info else ()))
-        if not classes:
-            classes = tuple(f"class_{i}" for i in range(num_classes))
-        if len(classes) != num_classes:
-            raise UserError(f"{path} predicts {num_classes} classes but dataset '{dataset}' has {len(classes)}")
-        model = build_model(mcfg, num_classes)
-        from maskformer_cli.models.convert import load_into
-
-        load_into(model, state)
-        recipe = Recipe(model=mcfg)
-        if dataset:
-            recipe = replace(recipe, data=replace(recipe.data, dataset=dataset))
-        thing_ids = tuple(info.thing_ids) if info else tuple(meta.get("thing_ids") or ())
-        ignore = info.ignore_label if info else 255
-        ds_name = dataset
+        recipe = Recipe(model=from_dict(ModelConfig, dict(meta.get("model", {}))))
+        classes = tuple(meta.get("classes") or ())
+        thing_ids = tuple(meta.get("thing_ids") or ())
+        ignore, ds_name = 255, dataset
+        if info is not None:
+            short, long = info.test_size
+            task = "panoptic" if info.task == "panoptic" and recipe.model.meta_architecture == "maskformer" \
+                else "semantic"
+            recipe = replace(recipe, data=replace(recipe.data, dataset=dataset, task=task, test_short_side=short,
+                                                  test_max_long_side=long))
+    if info is not None:
+        classes, thing_ids, ignore = tuple(info.classes), tuple(info.thing_ids), info.ignore_label
+    if not classes:
+        classes = tuple(f"class_{i}" for i in range(num_classes))
+    model = build_model(recipe.model, num_classes)
+    load_into(model, state, source=str(path))
     model.to(device).eval()
     return LoadedModel(model=model, recipe=recipe, classes=classes, thing_ids=thing_ids, ignore_label=ignore,
                        dataset=ds_name, sha256=file_hash(path))

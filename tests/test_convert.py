@@ -457,3 +457,51 @@ def test_restricted_unpickler_reads_arrays_and_containers(protocol, tmp_path):
         np.testing.assert_array_equal(back["model"][k], v)
         assert np.asarray(back["model"][k]).dtype == np.asarray(v).dtype
 
+
+
+def test_weight_file_mistakes_are_explained(hf, tmp_path):
+    """What users pass by mistake gets a message that says what to pass instead, never a torch traceback."""
+    _, hf_model, st_dir, _, _ = hf
+    # an interrupted download of model.safetensors
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(st_dir / "config.json", cut / "config.json")
+    data = (st_dir / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="incomplete download"):
+        load_checkpoint_weights(cut)
+    with pytest.raises(UserError, match=re.escape(f"pass the Hugging Face directory {st_dir}")):
+        load_checkpoint_weights(st_dir / "config.json")
+    # a file that pickles code: torch's message would advise weights_only=False
+    torch.save({"model": collections.OrderedDict(), "x": _Evil(print, "hi")}, tmp_path / "code.pt")
+    with pytest.raises(UserError, match="weights_only=True, so that loading a file cannot run code"):
+        load_checkpoint_weights(tmp_path / "code.pt")
+    # a training run directory
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="run directory: pass one of its checkpoints"):
+        load_checkpoint_weights(tmp_path / "run")
+    # Mask2Former, as a HF directory and as detectron2 weights
+    m2f = tmp_path / "m2f"
+    m2f.mkdir()
+    (m2f / "config.json").write_text(json.dumps({"model_type": "mask2former"}))
+    with pytest.raises(UserError, match="Mask2Former weights"):
+        load_checkpoint_weights(m2f)
+    official = _official_from_hf(hf_model.state_dict())
+    official["sem_seg_head.predictor.transformer_cross_attention_layers.0.norm.weight"] = np.ones(4, np.float32)
+    with pytest.raises(UserError, match="Mask2Former weights"):
+        load_checkpoint_weights(_write_pkl(tmp_path / "m2f.pkl", official))
+
+
+def test_detectron2_weights_load_whatever_the_suffix(hf, tmp_path):
+    """The format is read from the content: a detectron2 checkpoint saved as .pt loads like the .pth."""
+    _, hf_model, _, _, _ = hf
+    official = {k: torch.from_numpy(v) for k, v in _official_from_hf(hf_model.state_dict()).items()}
+    torch.save({"model": official}, tmp_path / "model_final.pt")
+    state, meta = load_checkpoint_weights(tmp_path / "model_final.pt")
+    assert meta["format"] == "official" and meta["num_classes"] == 7
+    from maskformer_cli.weights import load_for_inference
+
+    loaded = load_for_inference(tmp_path / "model_final.pt", torch.device("cpu"))
+    assert len(loaded.classes) == 7 and loaded.recipe.data.test_short_side is None
+    with pytest.raises(UserError, match="predicts 7 classes but dataset 'ade20k' has 150"):
+        load_for_inference(tmp_path / "model_final.pt", torch.device("cpu"), dataset="ade20k")

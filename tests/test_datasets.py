@@ -252,9 +252,15 @@ def test_collate_pads_to_divisible_size():
     batch = collate([_sample(40, 50, 7), None, _sample(60, 30, 9)], size_divisibility=32, ignore_label=255)
     assert batch.images.shape == (2, 3, 64, 64) and batch.image_sizes == [(40, 50), (60, 30)]
     assert batch.num_skipped == 1 and [m["i"] for m in batch.metas] == [7, 9]
+    from maskformer_cli.models import normalize
+
     for img, (h, w), value in zip(batch.images, batch.image_sizes, (7, 9), strict=True):
         assert (img[:, :h, :w] == value).all()
-        assert img.sum() == value * 3 * h * w  # zero everywhere else
+        # the reference normalises, then pads with 0: the padding must be exactly 0 after normalisation
+        x = normalize(img)
+        padding = torch.ones(64, 64, dtype=torch.bool)
+        padding[:h, :w] = False
+        assert padding.any() and (x[:, padding] == 0).all() and (x[:, ~padding] != 0).all()
     t = batch.targets[0]
     assert t.masks.shape == (1, 64, 64)
     assert t.masks[0, 1:40, :50].all() and t.masks.sum() == 39 * 50

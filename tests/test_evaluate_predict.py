@@ -156,6 +156,8 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path):
                trained["root"])
     with pytest.raises(UserError, match="--predictions needs --dataset"):
         invoke(["evaluate", "--predictions", tmp_path], trained["root"])
+    with pytest.raises(UserError, match="not both"):
+        invoke(["evaluate", trained["ckpt"], "--predictions", tmp_path, "--dataset", "synthetic"], trained["root"])
 
 
 def test_evaluate_overrides_inference_settings_but_not_the_model(trained, tmp_path):
@@ -178,8 +180,8 @@ def test_evaluate_overrides_inference_settings_but_not_the_model(trained, tmp_pa
     anns = json.loads((pred / "panoptic.json").read_text())["annotations"]
     assert len(anns) == 4 and all(a["segments_info"] == [] for a in anns)
     with pytest.raises(UserError, match="only inference"):
-        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--set", "data.crop_size=[64, 64]"],
-               trained["root"])
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--set", "model.num_queries=5",
+                "--out", tmp_path / "refused"], trained["root"])
 
 
 @pytest.mark.distributed
@@ -228,3 +230,120 @@ def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_pat
     assert len(calls) == 5 and m["num_images"] == 4  # 4 images, one redone; nothing counted twice
     for key in ("mIoU", "PQ", "PQ_st"):
         assert m[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("predict_set, evaluate_args", [
+    # resized inputs: predict must resize exactly as the evaluation loader does (uint8 after resizing)
+    (["data.test_short_side=80"], ["data.test_short_side=80"]),
+    # (a short-trained model is unsure: a low threshold keeps general inference from leaving all unlabelled)
+    (["inference.mode=general", "inference.general_threshold=0.05", "data.test_short_side=80"],
+     ["--inference", "general", "inference.general_threshold=0.05", "data.test_short_side=80"]),
+    (["inference.mode=iterative"], ["--inference", "iterative"]),
+    (["inference.tta=true"], ["--tta"]),
+])
+def test_saved_predictions_equal_checkpoint_evaluation(trained, tmp_path, predict_set, evaluate_args):
+    """`predict` (with inference/data settings) + `evaluate --predictions` == `evaluate CKPT` with the same
+    settings: one code path for resizing, inference mode and test-time augmentation."""
+    out = tmp_path / "pred"
+    sets = [a for s in predict_set for a in ("--set", s)]
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out, *sets], trained["root"])
+    ev, direct = tmp_path / "ev", tmp_path / "direct"
+    invoke(["evaluate", "--predictions", out, "--dataset", "synthetic", "--metric", "miou", "--out", ev],
+           trained["root"])
+    invoke(["evaluate", trained["ckpt"], "--metric", "miou", "--out", direct, *evaluate_args], trained["root"])
+    saved = json.loads((ev / "metrics.json").read_text())
+    reference = json.loads((direct / "metrics.json").read_text())
+    assert reference["mIoU"] > 1
+    assert saved["mIoU"] == pytest.approx(reference["mIoU"], abs=1e-9)
+    assert saved["pAcc"] == pytest.approx(reference["pAcc"], abs=1e-9)
+
+
+def test_predict_keeps_inputs_with_the_same_stem_apart(trained, tmp_path):
+    src = sorted(trained["val_images"].iterdir())[:2]
+    for folder in ("a", "b"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "x.png").write_bytes(src[0 if folder == "a" else 1].read_bytes())
+    Image.open(src[0]).convert("RGB").save(tmp_path / "in" / "a" / "x.jpg")
+    out = tmp_path / "pred"
+    invoke(["predict", str(tmp_path / "in" / "**" / "x.*"), "--weights", trained["ckpt"], "--out", out,
+            "--task", "panoptic"], trained["root"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = sorted(r["output"] for r in manifest["images"])
+    assert names == ["a__x_jpg.png", "a__x_png.png", "b__x.png"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == names
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == names
+    pan = json.loads((out / "panoptic.json").read_text())
+    assert sorted(a["file_name"] for a in pan["annotations"]) == names
+    # the two different images really were written to different files
+    a, b = (np.array(Image.open(out / "panoptic" / n)) for n in ("a__x_png.png", "b__x.png"))
+    assert not np.array_equal(a, b)
+
+
+def test_predict_refuses_to_mix_with_an_earlier_run(trained, tmp_path):
+    from maskformer_cli.errors import UserError
+
+    out = tmp_path / "pred"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out, "--task", "panoptic"],
+           trained["root"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--exist-ok"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out], trained["root"])
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out, "--exist-ok"],
+           trained["root"])
+    # the panoptic run's files are gone (evaluate --predictions would have read them), the user's file is not
+    assert not (out / "panoptic.json").exists() and not (out / "panoptic").exists()
+    assert (out / "semantic_rle.json").exists() and (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="not a directory"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out / "notes.txt"],
+               trained["root"])
+
+
+def test_predict_input_and_weight_errors(trained, tmp_path):
+    from maskformer_cli.errors import UserError
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="none of the 1 inputs could be read"):
+        invoke(["predict", tmp_path / "notes.txt", "--weights", trained["ckpt"], "--out", tmp_path / "p1"],
+               trained["root"])
+    # a 12-class checkpoint with a 150-class dataset's names would label everything wrongly
+    with pytest.raises(UserError, match="predicts 12 classes but dataset 'ade20k' has 150"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--dataset", "ade20k",
+                "--out", tmp_path / "p2"], trained["root"])
+    with pytest.raises(UserError, match="--task semantic"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic",
+                "--set", "inference.tta=true", "--out", tmp_path / "p3"], trained["root"])
+    with pytest.raises(UserError, match="--batch-size"):
+        invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--batch-size", "0",
+                "--out", tmp_path / "p4"], trained["root"])
+
+
+def test_predict_batched_equals_one_by_one(trained, tmp_path):
+    one, three = tmp_path / "one", tmp_path / "three"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", one], trained["root"])
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", three, "--batch-size", "3"],
+           trained["root"])
+    for f in sorted((one / "labels").iterdir()):
+        np.testing.assert_array_equal(np.array(Image.open(f)), np.array(Image.open(three / "labels" / f.name)))
+
+
+def test_evaluate_and_predict_with_detr_panoptic_postprocessing(trained, tmp_path):
+    """Table 3's "MaskFormer (DETR)": `evaluate CKPT inference.panoptic_postprocessing=detr` computes PQ with
+    DETR's post-processing, and `predict --task panoptic` with the same setting saves those very segments."""
+    out = tmp_path / "eval"
+    invoke(["evaluate", trained["ckpt"], "--metric", "pq", "inference.panoptic_postprocessing=detr", "--out", out],
+           trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["recipe"]["inference"]["panoptic_postprocessing"] == "detr" and 0 <= m["PQ"] <= 100
+    # a short-trained model is unsure: a low class threshold keeps segments for PQ to count
+    detr = ["inference.panoptic_postprocessing=detr", "inference.detr_threshold=0.0"]
+    invoke(["evaluate", trained["ckpt"], "--metric", "pq", *detr, "--out", out], trained["root"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["PQ"] > 1 and m["PQ"] != pytest.approx(trained["metrics"]["PQ"], abs=1e-6)  # not MaskFormer's
+    pred, ev = tmp_path / "pred", tmp_path / "ev"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic", "--out", pred,
+            *(a for s in detr for a in ("--set", s))], trained["root"])
+    invoke(["evaluate", "--predictions", pred, "--dataset", "synthetic", "--metric", "pq", "--out", ev],
+           trained["root"])
+    saved = json.loads((ev / "metrics.json").read_text())
+    for key in ("PQ", "PQ_th", "PQ_st"):
+        assert saved[key] == pytest.approx(m[key], abs=1e-9), key

@@ -539,3 +539,17 @@ def test_segment_id_compaction_equals_dict_lookup(id_range, with_unknown):
     ref = [code.get(int(v), len(known) + 1) for v in id_map.reshape(-1)]
     assert out.dtype == torch.int32 and out.tolist() == ref
     assert (out == len(known) + 1).any() == with_unknown
+
+
+def test_pq_only_per_class_rows_carry_class_names():
+    """`evaluate --metric pq --per-class` names classes, as `--metric all` does (rows keyed by id, not class)."""
+    import torch
+
+    from maskformer_cli.engine import EvalSpec, Evaluator
+
+    ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=2, thing_ids=(1,)), ["sky", "car"])
+    ids = torch.tensor([[1, 1], [2, 2]])
+    segs = [{"id": 1, "category_id": 0}, {"id": 2, "category_id": 1}]
+    ev.update_panoptic(ids, segs, ids, segs)
+    rows = ev.compute()["per_class"]
+    assert [r["name"] for r in rows] == ["sky", "car"] and [r["PQ"] for r in rows] == [100.0, 100.0]

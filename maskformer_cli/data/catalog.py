@@ -32,6 +32,8 @@ class DatasetInfo:
                  ("_leftImg8bit", "_gtFine_labelTrainIds").
     panoptic:    split -> (image_dir, panoptic_json, panoptic_png_dir), relative to dirname, COCO format.
     root:        absolute location for custom datasets (spec YAML); None for catalog datasets.
+    test_size:   (shorter side, longer side cap) of the paper's single-scale test resize for this dataset;
+                 shorter side 0 = native size. Used for released weights, which carry no recipe.
     """
 
     name: str
@@ -46,6 +48,7 @@ class DatasetInfo:
     label_suffix: tuple[str, str] = ("", "")
     panoptic: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     root: str | None = None
+    test_size: tuple[int, int] = (512, 2048)
 
     @property
     def num_classes(self) -> int:
@@ -107,10 +110,29 @@ def get_dataset_info(name: str | os.PathLike[str], **kwargs: object) -> DatasetI
     if key not in _REGISTRY:
         import difflib
 
+        _not_a_spec(name)
         close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
         hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
         raise UserError(f"unknown dataset '{name}'{hint}; known: {', '.join(available())}")
     return _REGISTRY[key](**kwargs)
+
+
+def _not_a_spec(name: str) -> None:
+    """UserError for an unknown name that is an existing path: a custom dataset is given as its spec YAML."""
+    path = Path(name).expanduser()
+    see = "see README, Fine-tuning on your own data"
+    if path.is_dir():
+        specs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".yaml", ".yml"))
+        if len(specs) == 1:
+            hint = f"; did you mean {specs[0]}?"
+        elif specs:
+            hint = f"; it has {', '.join(p.name for p in specs[:5])}" + (" ..." if len(specs) > 5 else "")
+        else:
+            hint = ""
+        raise UserError(f"'{name}' is a directory: give the path of its dataset spec YAML ({see}){hint}")
+    if path.exists():
+        raise UserError(f"'{name}' is not a dataset spec: a custom dataset is given as the path of its spec "
+                        f"YAML, ending in .yaml or .yml ({see})")
 
 
 def datasets_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -153,7 +175,7 @@ def _synthetic(num_classes: int = 12, **_: object) -> DatasetInfo:
         thing_ids=tuple(range(num_stuff, num_classes)),
         colors=default_palette(num_classes),
         dataset_ids=tuple(range(1, num_classes + 1)),
-        dirname=f"synthetic_k{num_classes}",
+        dirname=f"synthetic_k{num_classes}", test_size=(0, 2048),
         sem_seg={"train": ("images/training", "annotations_detectron2/training"),
                  "val": ("images/validation", "annotations_detectron2/validation")},
         panoptic={"train": ("images/training", "panoptic_train.json", "panoptic_train"),
@@ -190,7 +212,7 @@ def _ade20k_panoptic(**_: object) -> DatasetInfo:
     return DatasetInfo(
         name="ade20k_panoptic", classes=names, colors=colors, ignore_label=255, task="panoptic",
         thing_ids=things, dataset_ids=tuple(range(len(names))), dirname="ADEChallengeData2016",
-        sem_seg=dict(_ADE_SEM_SEG),
+        sem_seg=dict(_ADE_SEM_SEG), test_size=(640, 2560),
         panoptic={"train": ("images/training", "ade20k_panoptic_train.json", "ade20k_panoptic_train"),
                   "val": ("images/validation", "ade20k_panoptic_val.json", "ade20k_panoptic_val")},
     )
@@ -219,7 +241,7 @@ def _coco_stuff_10k(**_: object) -> DatasetInfo:
     test = ("images_detectron2/test", "annotations_detectron2/test")
     return DatasetInfo(
         name="coco_stuff_10k", classes=names, colors=colors, ignore_label=255, task="semantic",
-        dirname="coco/coco_stuff_10k",
+        dirname="coco/coco_stuff_10k", test_size=(640, 2560),
         sem_seg={"train": ("images_detectron2/train", "annotations_detectron2/train"), "test": test, "val": test},
     )
 
@@ -233,7 +255,7 @@ def _cityscapes(**_: object) -> DatasetInfo:
         name="cityscapes", classes=tuple(n for _, n, _ in train), colors=tuple(c for _, _, c in train),
         ignore_label=255, task="semantic", dirname="cityscapes",
         sem_seg={"train": ("leftImg8bit/train", "gtFine/train"), "val": ("leftImg8bit/val", "gtFine/val")},
-        label_suffix=("_leftImg8bit", "_gtFine_labelTrainIds"),
+        label_suffix=("_leftImg8bit", "_gtFine_labelTrainIds"), test_size=(0, 2048),
     )
 
 
@@ -243,7 +265,7 @@ def _mapillary(**_: object) -> DatasetInfo:
     cats = load_class_file("mapillary_vistas_v1.2.json")
     return DatasetInfo(
         name="mapillary", classes=tuple(c[0] for c in cats), colors=tuple(tuple(c[1]) for c in cats),
-        ignore_label=65, task="semantic", dirname="mapillary_vistas",
+        ignore_label=65, task="semantic", dirname="mapillary_vistas", test_size=(2048, 2048),
         sem_seg={"train": ("training/images", "training/labels"), "val": ("validation/images", "validation/labels")},
     )
 
@@ -255,7 +277,7 @@ def _coco_panoptic(**_: object) -> DatasetInfo:
     return DatasetInfo(
         name="coco_panoptic", classes=tuple(c[1] for c in cats), colors=tuple(tuple(c[3]) for c in cats),
         ignore_label=255, task="panoptic", thing_ids=tuple(k for k, c in enumerate(cats) if c[2]),
-        dataset_ids=tuple(int(c[0]) for c in cats), dirname="coco",
+        dataset_ids=tuple(int(c[0]) for c in cats), dirname="coco", test_size=(800, 1333),
         sem_seg={"train": ("train2017", "panoptic_semseg_train2017"), "val": ("val2017", "panoptic_semseg_val2017")},
         panoptic={"train": ("train2017", "annotations/panoptic_train2017.json", "panoptic_train2017"),
                   "val": ("val2017", "annotations/panoptic_val2017.json", "panoptic_val2017")},

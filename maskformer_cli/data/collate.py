@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from maskformer_cli.data.datasets import Sample
+from maskformer_cli.models import PIXEL_MEAN
 from maskformer_cli.structures import Target
 
 
@@ -18,7 +19,9 @@ from maskformer_cli.structures import Target
 class Batch:
     """A padded batch.
 
-    images:      float [B, 3, Hp, Wp] on the 0-255 scale, not normalised; zero outside each image's valid region.
+    images:      float [B, 3, Hp, Wp] on the 0-255 scale, not normalised; the pixel mean outside each image's
+                 valid region, so that padding is 0 after normalisation, as in the reference (which normalises,
+                 then pads with 0): a batch of mixed sizes then sees the padding a single image sees.
     image_sizes: B (h, w): the valid (unpadded) region of each image, top-left aligned.
     targets:     B Targets at (Hp, Wp): masks padded with False, ignore padded with True.
     sem_seg:     int64 [B, Hp, Wp] category maps (ignore_label where no mask covers, padding included), for the
@@ -97,7 +100,7 @@ def collate(samples: Sequence[Sample | None], size_divisibility: int = 32, ignor
                      sem_seg=torch.zeros((0, 0, 0), dtype=torch.int64), metas=[], num_skipped=skipped)
     sizes = [(int(s.image.shape[-2]), int(s.image.shape[-1])) for s in kept]
     hp, wp = padded_size(sizes, size_divisibility)
-    images = torch.zeros((len(kept), 3, hp, wp), dtype=torch.float32)
+    images = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1).repeat(len(kept), 1, hp, wp)
     for i, s in enumerate(kept):
         images[i, :, : sizes[i][0], : sizes[i][1]] = s.image.float()
     targets = [_pad_target(s.target, hp, wp) for s in kept]

@@ -66,11 +66,24 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                return _high_depth_to_rgb(np.asarray(im), im.mode)
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except _PIL_ERRORS as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _high_depth_to_rgb(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit (or 32-bit integer / float) grey -> [H, W, 3] uint8. PIL's convert("RGB") clips such values at
+    255, which turns a 16-bit photo white; scale 16-bit data (mode I;16*, or I holding values above 255) by
+    255/65535 instead, and clip floats to 0..255."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.size and a.max() > 255):
+        a = a / 257.0
+    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def read_label(path: str | os.PathLike[str]) -> np.ndarray:
@@ -122,6 +135,16 @@ def read_panoptic_ids(path: str | os.PathLike[str]) -> torch.Tensor:
     # Widen before multiplying: ids use 24 bits (int32 arithmetic is exact and faster than int64).
     ids = rgb[0].to(torch.int32) + rgb[1].to(torch.int32) * 256 + rgb[2].to(torch.int32) * 65536
     return ids.long()
+
+
+def segments_to_categories(ids: torch.Tensor, segments: Sequence[dict], ignore_label: int) -> torch.Tensor:
+    """The semantic view of a panoptic annotation: segment ids [H, W] + segments_info (contiguous category_id)
+    -> int64 category map [H, W]. Every listed segment gets its class (crowd included, as the semantic
+    metrics count crowd pixels); void (0) and ids the list does not name get `ignore_label`."""
+    lut = {int(s["id"]): int(s["category_id"]) for s in segments}
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    labels = torch.tensor([lut.get(int(u), ignore_label) for u in uniq.tolist()], dtype=torch.int64)
+    return labels[inverse]
 
 
 def _check_size(image: np.ndarray, image_path: Path, label: np.ndarray, label_path: Path) -> None:

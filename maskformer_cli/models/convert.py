@@ -86,20 +86,22 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     if not path.exists():
         raise UserError(f"weights not found: {path}")
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            raise UserError(f"{path} is a training run directory: pass one of its checkpoints, e.g. "
+                            f"{path / 'checkpoints' / 'last.pt'} or best.pt")
         return _load_hf_dir(path)
+    if path.suffix in (".json", ".yaml", ".yml", ".txt"):
+        hint = (f"pass the Hugging Face directory {path.parent}" if path.name == "config.json"
+                else "pass a checkpoint (.pt, .pth, .pkl) or a Hugging Face directory")
+        raise UserError(f"{path} is a {path.suffix[1:]} file, not weights: {hint}")
     if path.suffix == ".pkl":
         return _load_official(load_pickle_restricted(path), str(path))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = _read_safetensors(path)
         if _looks_official(state):
             return _load_official({"model": state}, str(path))
         raise UserError(f"{path}: a bare .safetensors file without config; pass its Hugging Face directory")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable weights-only torch file ({e.__class__.__name__}: {e})") from None
+    ckpt = _read_torch_file(path)
     if isinstance(ckpt, dict) and "model" in ckpt and "recipe" in ckpt:
         return _load_ours(ckpt, str(path))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and _looks_official(ckpt["model"]):
@@ -117,13 +119,49 @@ def _load_ours(ckpt: dict, source: str) -> tuple[dict[str, torch.Tensor], dict[s
     return state, meta
 
 
+def _read_torch_file(path: Path) -> Any:
+    """torch.load with weights_only=True; a UserError that says what is wrong (torch's own message for a
+    file with pickled code advises weights_only=False, which this tool never does with downloaded files)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            first = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+            raise UserError(f"{path}: holds pickled Python objects besides tensors ({first or 'not weights-only'}); "
+                            f"maskformer loads torch files with weights_only=True, so that loading a file cannot "
+                            f"run code. Re-save its state dict (torch.save(model.state_dict(), ...))") from None
+        raise UserError(f"{path}: not a readable torch file, possibly truncated or corrupt "
+                        f"({e.__class__.__name__}: {text.splitlines()[0] if text else ''})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError: truncated download, not a safetensors file
+        raise UserError(f"{path}: not a readable safetensors file, possibly an incomplete download "
+                        f"({e.__class__.__name__}: {e})") from None
+
+
 def _looks_official(state: Mapping[str, Any]) -> bool:
     return any(k.startswith("sem_seg_head.") for k in state)
+
+
+def _refuse_mask2former(keys: Any, source: str) -> None:
+    """Mask2Former (the follow-up paper) shares MaskFormer's file formats; its weights otherwise fail the strict
+    load with a list of dozens of keys. Its decoder has masked-attention layers that MaskFormer lacks."""
+    if any("transformer_cross_attention_layers" in k or "masked_attention" in k or "mask2former" in k.lower()
+           for k in keys):
+        raise UserError(f"{source}: these are Mask2Former weights; this tool implements MaskFormer (its "
+                        f"decoder has no masked attention). Use a MaskFormer checkpoint")
 
 
 def _load_official(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise UserError(f"{source}: expected a detectron2 weights file {{'model': {{name: array}}}}")
+    _refuse_mask2former(obj["model"].keys(), source)
     if not _looks_official(obj["model"]):
         raise UserError(
             f"{source}: has no 'sem_seg_head.*' weights: it is a backbone-only file (e.g. ImageNet weights); "
@@ -143,21 +181,19 @@ def _load_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_file}: invalid JSON ({e})") from None
+    model_type = config.get("model_type")
+    if model_type is not None and model_type != "maskformer":
+        if model_type == "mask2former":
+            _refuse_mask2former(["mask2former"], str(path))
+        raise UserError(f"{path}: a Hugging Face '{model_type}' model; this tool loads MaskFormer "
+                        f"(model_type 'maskformer') directories")
     state = _read_hf_weights(path)
     ours, kwargs, classes = hf_to_maskformer(state, config)
     return ours, {"format": "hf", "model": kwargs, "num_classes": len(classes), "classes": classes}
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    def torch_file(p: Path) -> dict[str, torch.Tensor]:
-        try:
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{p}: not a readable weights-only torch file ({e.__class__.__name__}: {e})") from None
-
-    for name, reader in (("model.safetensors", lambda p: load_file(str(p))), ("pytorch_model.bin", torch_file)):
+    for name, reader in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_torch_file)):
         if (path / name).is_file():
             return reader(path / name)
         index = path / f"{name}.index.json"

@@ -26,7 +26,12 @@ METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
 INFERENCE = ("semantic", "general", "iterative", "panoptic")
 
 
-def _metrics_for(metric: str, task: str, mask_classification: bool) -> tuple[str, ...]:
+def _metrics_for(metric: str, task: str, mask_classification: bool, tta: bool = False) -> tuple[str, ...]:
+    """The metrics `--metric` names for this dataset task and model; PQ only where it means something.
+
+    Test-time augmentation averages per-pixel class probabilities, which leaves no segments to match, so it
+    applies to mIoU and PQ-stuff; under `all` PQ is still computed, single-scale (as the paper reports it).
+    """
     if metric == "all":
         chosen = ("miou", "pq-stuff") + (("pq",) if task == "panoptic" and mask_classification else ())
         return chosen
@@ -37,6 +42,9 @@ def _metrics_for(metric: str, task: str, mask_classification: bool) -> tuple[str
                         "semantic datasets")
     if metric == "pq" and not mask_classification:
         raise UserError("--metric pq needs a mask-classification model; per-pixel baselines give semantic maps")
+    if metric == "pq" and tta:
+        raise UserError("test-time augmentation is for semantic metrics; PQ is single-scale: drop --tta, or use "
+                        "--metric miou / pq-stuff / all (all computes PQ single-scale beside them)")
     return METRICS[metric]
 
 
@@ -50,6 +58,10 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
                  tta: bool, predictions: Path | None, out: Path | None, per_class: bool, batch_size: int,
                  limit: int | None, device: str, query_stats: bool = False,
                  overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {limit}); leave it out to evaluate the whole split")
     if overrides and checkpoint is None:
         raise UserError("key=value overrides change how a checkpoint is evaluated: give a checkpoint")
     if query_stats and checkpoint is None:
@@ -57,6 +69,9 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
     if predictions is not None:
+        if checkpoint is not None:
+            raise UserError("give a checkpoint to evaluate or --predictions DIR, not both (saved predictions "
+                            "are evaluated without a model)")
         if dataset is None:
             raise UserError("--predictions needs --dataset (the ground truth to compare with)")
         metrics = evaluate_saved_predictions(predictions, dataset=dataset, split=split, metric=metric,
@@ -113,8 +128,11 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     if metric == "pq" and info.task == "panoptic":
         task = "panoptic"
     recipe = replace(recipe, data=replace(recipe.data, task=task))
-    metrics_wanted = _metrics_for(metric, task, mask_cls)
+    metrics_wanted = _metrics_for(metric, task, mask_cls, tta=tta)
     spec = eval_spec(recipe, info, metrics=metrics_wanted, mode=inference, tta=tta)
+    if spec.tta and "pq" in metrics_wanted and dist.is_main():
+        console.print("[yellow]note:[/] test-time augmentation applies to mIoU and PQ-stuff; PQ is single-scale "
+                      "(as the paper reports it)", highlight=False)
     if inference == "panoptic" and "pq" not in metrics_wanted:
         raise UserError("--inference panoptic produces panoptic segments: use --metric pq")
     loader = build_eval_loader(recipe.data, info, split=split, batch_size=batch_size, rank=dist.get_rank(),
@@ -133,6 +151,7 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
                     "gflops": flops / 1e9})
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256, "dataset": info.name,
             "split": split, "inference": spec.mode, "tta": spec.tta, "metrics": list(metrics_wanted),
+            "tta_metrics": [m for m in metrics_wanted if m != "pq"] if spec.tta else [],
             "recipe": json.loads(json.dumps(_plain(recipe)))}
     return metrics, meta
 
@@ -149,30 +168,60 @@ def _plain(recipe):
 def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metric: str,
                                limit: int | None = None) -> dict[str, Any]:
     """Metrics of predictions written by `maskformer predict` (label PNGs named by image stem, or a COCO
-    panoptic JSON + PNGs with dataset category ids) against the dataset's ground truth."""
-    from PIL import Image
+    panoptic JSON + PNGs with dataset category ids) against the dataset's ground truth.
 
+    `all` computes every metric the directory allows: PQ from panoptic.json, mIoU and PQ-stuff from label
+    PNGs (`predict --task panoptic` writes both). One Evaluator holds them, so `per_class` has one row per
+    class with the semantic (IoU, Acc, *_stuff) and panoptic (PQ, SQ, RQ, TP, FP, FN) columns side by side.
+    """
     from maskformer_cli.data.catalog import datasets_root, get_dataset_info
     from maskformer_cli.engine import EvalSpec, Evaluator
 
+    if metric != "all" and metric not in METRICS:
+        raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
     info = get_dataset_info(dataset)
     base = Path(info.root) if info.root else datasets_root() / info.dirname
     if not pred_dir.is_dir():
         raise UserError(f"--predictions {pred_dir}: not a directory")
     pan_json = pred_dir / "panoptic.json"
-    if metric in ("pq", "all") and pan_json.exists() and split in info.panoptic:
-        return _eval_saved_panoptic(pred_dir, pan_json, info, base, split, limit)
-    if metric == "pq":
+    with_pq = metric in ("pq", "all") and pan_json.exists() and split in info.panoptic
+    if metric == "pq" and not with_pq:
         raise UserError(f"--metric pq needs {pan_json} (COCO panoptic predictions)")
+    has_labels = any((pred_dir / "labels").glob("*.png")) or any(pred_dir.glob("*.png"))
+    # semantic ground truth: the label PNGs, or else the category map of the panoptic segments (a custom
+    # dataset may have only a `panoptic:` section, as training and `evaluate CKPT` allow)
+    has_sem_gt = split in info.sem_seg or split in info.panoptic
+    # under `all`, semantic metrics join PQ only when there are label maps to score (and ground truth for them)
+    with_sem = metric in ("miou", "pq-stuff") or (metric == "all" and (
+        not with_pq or (has_labels and has_sem_gt)))
+    sem_wanted = (("miou", "pq-stuff") if metric == "all" else METRICS[metric]) if with_sem else ()
+    if sem_wanted and not has_sem_gt:
+        splits = ", ".join(sorted(set(info.sem_seg) | set(info.panoptic))) or "none"
+        raise UserError(f"dataset '{dataset}' has no semantic split '{split}' (has {splits})")
+    ev = Evaluator(EvalSpec(metrics=(("pq",) if with_pq else ()) + sem_wanted, num_classes=info.num_classes,
+                            ignore_label=info.ignore_label, thing_ids=tuple(info.thing_ids)), info.classes)
+    counts = []
+    if with_pq:
+        counts.append(_eval_saved_panoptic(ev, pred_dir, pan_json, info, base, split, limit))
+    if sem_wanted:
+        counts.append(_eval_saved_semantic(ev, pred_dir, info, base, split, limit))
+    ev.num_images = counts[0]
+    res = ev.compute()
+    if len(counts) == 2 and counts[1] != counts[0]:  # label maps and panoptic.json cover different images
+        res["num_images_semantic"] = counts[1]
+    return res
+
+
+def _eval_saved_semantic(ev, pred_dir: Path, info, base: Path, split: str, limit: int | None) -> int:
+    """Add the label PNGs of `pred_dir` to `ev`'s semantic metrics; returns the number of images."""
+    from PIL import Image
+
     if split not in info.sem_seg:
-        raise UserError(f"dataset '{dataset}' has no semantic split '{split}' (has {', '.join(info.sem_seg)})")
+        return _eval_saved_semantic_from_panoptic(ev, pred_dir, info, base, split, limit)
     _, label_dir = info.sem_seg[split]
     gt_files = sorted((base / label_dir).glob("*.png"))[:limit]
     if not gt_files:
         raise UserError(f"no ground-truth labels in {base / label_dir}")
-    wanted = ("miou", "pq-stuff") if metric == "all" else _metrics_for(metric, "semantic", True)
-    ev = Evaluator(EvalSpec(metrics=wanted, num_classes=info.num_classes, ignore_label=info.ignore_label),
-                   info.classes)
     suffix_from, suffix_to = info.label_suffix
     missing = []
     with progress_bar("evaluate", len(gt_files)) as bar:
@@ -192,12 +241,83 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
             if pred.shape != gt.shape:
                 raise UserError(f"{pred_file}: size {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
             ev.update_semantic(pred, gt)
-            ev.num_images += 1
             bar.advance(task)
     if missing:
         raise UserError(f"{len(missing)} ground-truth images have no prediction in {pred_dir} "
                         f"(first: {', '.join(missing[:5])})")
-    return ev.compute()
+    return len(gt_files)
+
+
+def _eval_saved_semantic_from_panoptic(ev, pred_dir: Path, info, base: Path, split: str,
+                                       limit: int | None) -> int:
+    """As _eval_saved_semantic, with the ground-truth category maps taken from the panoptic JSON + PNGs
+    (as PanopticSegDataset(semantic=True) and engine.load_semantic_gt make them: crowd segments keep
+    their class, void and unlisted segment ids are ignore). Predictions are matched by image file stem."""
+    from PIL import Image
+
+    from maskformer_cli.data.datasets import read_panoptic_ids
+    from maskformer_cli.data.prefetch import prefetched
+
+    _, gt_json, gt_png_dir = info.panoptic[split]
+    json_path = base / gt_json
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        images = {im["id"]: im for im in doc["images"]}
+        anns = list(doc["annotations"])[:limit]
+        dataset_ids = info.dataset_ids or sorted(c["id"] for c in doc["categories"])
+    except FileNotFoundError:
+        raise UserError(f"panoptic annotations not found: {json_path}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read panoptic annotations {json_path}: {e!r}") from None
+    if not anns:
+        raise UserError(f"no ground-truth annotations in {json_path}")
+    to_contiguous = {int(d): i for i, d in enumerate(dataset_ids)}
+    items, missing = [], []
+    for ann in anns:
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            raise UserError(f"{json_path}: annotation {ann.get('file_name')} names image id "
+                            f"{ann.get('image_id')!r}, which is not in 'images'")
+        pred_file = _find_prediction(pred_dir, Path(image["file_name"]).stem)  # predict: labels/<stem>.png
+        if pred_file is None:
+            missing.append(image["file_name"])
+        else:
+            items.append((pred_file, ann))
+    if missing:
+        raise UserError(f"{len(missing)} ground-truth images have no prediction in {pred_dir} "
+                        f"(first: {', '.join(missing[:5])})")
+
+    def read_pair(item: tuple[Path, dict]) -> tuple[Path, torch.Tensor, torch.Tensor]:
+        pred_file, ann = item
+        with Image.open(pred_file) as im:
+            pred = torch.from_numpy(np.array(im).astype(np.int64))
+        ids = read_panoptic_ids(base / gt_png_dir / ann["file_name"])
+        return pred_file, pred, _panoptic_category_map(ids, ann, to_contiguous, info.ignore_label, json_path)
+
+    with progress_bar("evaluate", len(items)) as bar:
+        task = bar.add_task("evaluate", total=len(items))
+        for pred_file, pred, gt in prefetched(read_pair, items):
+            if pred.shape != gt.shape:
+                raise UserError(f"{pred_file}: size {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
+            ev.update_semantic(pred, gt)
+            bar.advance(task)
+    return len(items)
+
+
+def _panoptic_category_map(ids: torch.Tensor, ann: dict, to_contiguous: dict[int, int], ignore_label: int,
+                           json_path: Path) -> torch.Tensor:
+    """[H, W] contiguous categories of a segment-id map: each listed segment's class (crowd included),
+    ignore_label for void (0) and ids that segments_info does not list."""
+    from maskformer_cli.data.datasets import segments_to_categories
+
+    segments = []
+    for seg in ann["segments_info"]:
+        cls = to_contiguous.get(int(seg["category_id"]))
+        if cls is None:
+            raise UserError(f"{json_path}: segment {seg['id']} of {ann['file_name']} has category "
+                            f"{seg['category_id']}, which the dataset does not list")
+        segments.append({"id": seg["id"], "category_id": cls})
+    return segments_to_categories(ids, segments, ignore_label)
 
 
 def _find_prediction(pred_dir: Path, stem: str) -> Path | None:
@@ -207,17 +327,16 @@ def _find_prediction(pred_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split: str, limit: int | None):
+def _eval_saved_panoptic(ev, pred_dir: Path, pan_json: Path, info, base: Path, split: str,
+                         limit: int | None) -> int:
+    """Add panoptic.json + panoptic/*.png of `pred_dir` to `ev`'s PQ; returns the number of images."""
     from maskformer_cli.data.datasets import read_panoptic_ids
     from maskformer_cli.data.prefetch import prefetched
-    from maskformer_cli.engine import EvalSpec, Evaluator
 
     _, gt_json, gt_png_dir = info.panoptic[split]
     gt = json.loads((base / gt_json).read_text())
     preds = {a["file_name"]: a for a in json.loads(pan_json.read_text())["annotations"]}
     to_contiguous = {d: i for i, d in enumerate(info.dataset_ids)} if info.dataset_ids else None
-    ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=info.num_classes, thing_ids=tuple(info.thing_ids)),
-                   info.classes)
 
     def segs(ann: dict) -> list[dict]:
         out = []
@@ -239,6 +358,9 @@ def _eval_saved_panoptic(pred_dir: Path, pan_json: Path, info, base: Path, split
 
     # PNG decoding dominates: decode ahead in threads while the metric update runs here.
     for ann, (pred_ids, gt_ids) in zip(anns, prefetched(read_pair, anns), strict=True):
-        ev.update_panoptic(pred_ids, segs(preds[ann["file_name"]]), gt_ids, segs(ann))
-        ev.num_images += 1
-    return ev.compute()
+        try:
+            ev.update_panoptic(pred_ids, segs(preds[ann["file_name"]]), gt_ids, segs(ann))
+        except ValueError as e:  # the PNG and the JSON's segments_info disagree: a file problem, not a bug
+            raise UserError(f"{pred_dir / 'panoptic' / preds[ann['file_name']]['file_name']}: {e} "
+                            f"(its entry in {pan_json})") from None
+    return len(anns)

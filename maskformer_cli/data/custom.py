@@ -80,6 +80,9 @@ def _path(spec: Path, value: Any, where: str) -> Path:
 def _classes(spec: Path, data: dict[str, Any], panoptic_json: Path | None) -> list[str]:
     value = data.get("classes")
     if value is None and panoptic_json is not None:
+        if not panoptic_json.is_file():
+            raise _fail(spec, f"no 'classes', and {panoptic_json} (the panoptic JSON to take them from) "
+                              f"does not exist")
         cats = _json_categories(spec, panoptic_json)
         return [c["name"] for c in cats]
     if isinstance(value, str):
@@ -153,7 +156,7 @@ def load_custom_dataset(spec: Path) -> DatasetInfo:
         raise _fail(spec, "label_suffix must be the same for every split")
     label_suffix = suffixes.pop() if suffixes else ("", "")
     first_json = Path(next(iter(pan.values()))[1]) if pan else None
-    classes = _classes(spec, data, first_json if first_json is not None and first_json.is_file() else None)
+    classes = _classes(spec, data, first_json)
     ignore = data.get("ignore_label", 255)
     if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= 65535:
         raise _fail(spec, f"'ignore_label' must be an integer 0..65535, got {ignore!r}")
@@ -240,15 +243,39 @@ def _open(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str | 
         return None, None, f"{type(e).__name__}: {e}"
 
 
-def _image_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+# EXIF orientations that transpose or rotate by 90/270 degrees: the loader's exif_transpose swaps W and H
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _image_size(path: Path) -> tuple[tuple[int, int] | None, int, str | None]:
+    """((w, h) as the loader sees it, i.e. after EXIF orientation, orientation tag (1 = none), error).
+
+    datasets.read_image applies ImageOps.exif_transpose, so sizes are compared in that orientation. The tag
+    comes from the header (getexif, as exif_transpose reads it); pixels are decoded only to find corrupt files.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 - a malformed EXIF block: the loader would not rotate either
+                orientation = 1
             im.load()
-            return im.size, None
+            w, h = im.size
     except Exception as e:  # noqa: BLE001
-        return None, f"{type(e).__name__}: {e}"
+        return None, 1, f"{type(e).__name__}: {e}"
+    return ((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)), orientation, None
+
+
+def _size_mismatch(path: Path, what: str, size: tuple[int, int], img: Path, img_size: tuple[int, int],
+                   orientation: int) -> str:
+    msg = f"{path}: {what} is {size[0]}x{size[1]} but image {img.name} is {img_size[0]}x{img_size[1]}"
+    if orientation in _SWAPPING_ORIENTATIONS:
+        msg += (f" (WxH) as loaded: the image is EXIF-rotated (Orientation={orientation}; its pixels are stored "
+                f"as {img_size[1]}x{img_size[0]} and the loader rotates them); save the image upright without "
+                f"the tag, or rotate the {what} to match")
+    return msg
 
 
 def check_custom(spec: Path) -> CheckReport:
@@ -292,7 +319,7 @@ def check_custom(spec: Path) -> CheckReport:
         ignored = 0
         for key in sorted(set(images) & set(labels)):
             img, lab = images[key], labels[key]
-            size, err = _image_size(img)
+            size, orientation, err = _image_size(img)
             if err:
                 rep.problems.append(f"{img}: unreadable image ({err})")
             arr, lsize, lerr = _open(lab)
@@ -305,8 +332,7 @@ def check_custom(spec: Path) -> CheckReport:
                                     f"indices (a palette or grayscale PNG)")
                 continue
             if size is not None and lsize != size:
-                rep.problems.append(f"{lab}: label is {lsize[0]}x{lsize[1]} but image {img.name} is "
-                                    f"{size[0]}x{size[1]}")
+                rep.problems.append(_size_mismatch(lab, "label", lsize, img, size, orientation))
             values = arr.astype(np.int64).ravel()
             bad = (values >= k) & (values != info.ignore_label) | (values < 0)
             if bad.any():
@@ -327,6 +353,13 @@ def check_custom(spec: Path) -> CheckReport:
 def _check_panoptic(rep: CheckReport, split: str, img_root: Path, json_path: Path, png_root: Path) -> None:
     info = rep.info
     k = info.num_classes
+    # a misspelled path is one problem, not one per annotation (as for semantic splits)
+    missing = [f"{p}: {split} {what} does not exist" for p, what, ok in (
+        (img_root, "images directory", img_root.is_dir()), (json_path, "json file", json_path.is_file()),
+        (png_root, "pngs directory", png_root.is_dir())) if not ok]
+    if missing:
+        rep.problems.extend(missing)
+        return
     try:
         data = json.loads(json_path.read_text())
         annotations, images = data["annotations"], data["images"]
@@ -346,7 +379,7 @@ def _check_panoptic(rep: CheckReport, split: str, img_root: Path, json_path: Pat
         img = img_root / str(image.get("file_name", ""))
         if not img.is_file():
             rep.problems.append(f"{img}: image listed in {json_path.name} is missing")
-        size, err = _image_size(img) if img.is_file() else (None, None)
+        size, orientation, err = _image_size(img) if img.is_file() else (None, 1, None)
         if err:
             rep.problems.append(f"{img}: unreadable image ({err})")
         if not png.is_file():
@@ -360,7 +393,7 @@ def _check_panoptic(rep: CheckReport, split: str, img_root: Path, json_path: Pat
             rep.problems.append(f"{png}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B)")
             continue
         if size is not None and psize != size:
-            rep.problems.append(f"{png}: PNG is {psize[0]}x{psize[1]} but image {img.name} is {size[0]}x{size[1]}")
+            rep.problems.append(_size_mismatch(png, "PNG", psize, img, size, orientation))
         rgb = arr[..., :3].astype(np.int64)
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         listed = {}

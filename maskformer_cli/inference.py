@@ -210,6 +210,72 @@ def panoptic_inference(
     return panoptic_seg, segments_info
 
 
+def detr_panoptic_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    thing_ids: Iterable[int],
+    threshold: float = 0.85,
+    min_area: int = 4,
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """DETR's panoptic post-processing (Carion et al. 2020), the "MaskFormer (DETR)" row of Table 3.
+
+    class_logits: [Q, K+1]; mask_logits: [Q, H, W]; thing_ids: contiguous ids of thing classes.
+    Keep queries whose argmax over K+1 is not "no object" and whose score > threshold; assign every pixel
+    to argmax_i m_i[h, w] over the kept queries' mask logits (no class weighting, no mask threshold; ties:
+    lowest kept query). This follows DETR's released PostProcessPanoptic (what the MaskFormer authors ran,
+    so what the paper's numbers come from) rather than its paper: in the first pass a thing query is its
+    own segment and all kept queries of one stuff class are merged into the segment of the first of them,
+    which leaves the other ("duplicate") queries of that class with area 0. Every query whose area is
+    <= min_area is removed -- the duplicates always, a stuff class whose merged area is that small, a small
+    thing -- and the assignment is recomputed by plain argmax over the remaining queries (the pixels of a
+    removed query go to the best remaining mask logit, possibly of another class), removing queries of
+    area <= min_area again until none is that small. No duplicate remains after the first removal, so later
+    passes need no merging. Without duplicates and small segments the first pass is final. No kept query
+    (or none left): all void.
+    Returns (panoptic_seg [H, W] int32 with ids 1..n in order of each segment's first query, 0 = void,
+    segments_info: list of dict(id, category_id (contiguous), isthing, score (class probability of the
+    segment's first query), area (pixels in panoptic_seg))) -- the contract of `panoptic_inference`.
+    """
+    num_classes = class_logits.shape[-1] - 1
+    h, w = mask_logits.shape[-2:]
+    scores, classes = F.softmax(class_logits, dim=-1).max(-1)
+    keep = classes.ne(num_classes) & (scores > threshold)
+    cur_scores, cur_classes = scores[keep].tolist(), classes[keep].tolist()
+    cur_masks = mask_logits[keep]
+    things = {int(t) for t in thing_ids}
+    alive = list(range(len(cur_classes)))  # indices into the kept queries
+    while alive:
+        # segment of each alive query: a thing alone, a stuff class shared (first alive query's segment);
+        # only the first pass can share, as every other query of a stuff class is removed after it
+        segment_of: list[int] = []
+        first_query: list[int] = []
+        stuff_segment: dict[int, int] = {}
+        for k in alive:
+            cls = cur_classes[k]
+            if cls not in things and cls in stuff_segment:
+                segment_of.append(stuff_segment[cls])
+                continue
+            if cls not in things:
+                stuff_segment[cls] = len(first_query)
+            segment_of.append(len(first_query))
+            first_query.append(k)
+        lut = torch.tensor(segment_of, dtype=torch.int64, device=mask_logits.device)
+        segment_map = lut[cur_masks[alive].argmax(0)]
+        areas = torch.bincount(segment_map.flatten(), minlength=len(first_query)).tolist()
+        small = {s for s, a in enumerate(areas) if a <= min_area}
+        # remove the queries of small segments and the duplicates (not the first query of their segment)
+        remaining = [k for k, s in zip(alive, segment_of, strict=True) if s not in small and first_query[s] == k]
+        if len(remaining) == len(alive):
+            segments_info = [
+                {"id": s + 1, "category_id": cur_classes[k], "isthing": cur_classes[k] in things,
+                 "score": cur_scores[k], "area": areas[s]}
+                for s, k in enumerate(first_query)
+            ]
+            return (segment_map + 1).to(torch.int32), segments_info
+        alive = remaining
+    return torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device), []
+
+
 def instance_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -252,6 +318,8 @@ def postprocess_batch(
     thing_ids: Iterable[int] = (),
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
+    panoptic_postprocessing: str = "maskformer",
+    detr_threshold: float = 0.85,
     general_threshold: float = 0.3,
     iterative_ratio: float = 0.3,
     ignore_label: int = 255,
@@ -263,7 +331,8 @@ def postprocess_batch(
     mode: "semantic" | "iterative" -> {"sem_seg": [K, H, W] scores, "labels": [H, W] int64};
           "general" -> {"labels": [H, W] int64 (ignore_label where nothing is kept), "assignment": [H, W]};
           "panoptic" -> {"panoptic_seg": [H, W] int32, "segments_info": [...], "labels": [H, W] int64
-          (semantic view of the panoptic result, ignore_label on void)};
+          (semantic view of the panoptic result, ignore_label on void)}, by `panoptic_inference` or, with
+          panoptic_postprocessing="detr", `detr_panoptic_inference` (threshold detr_threshold);
           "instance" -> {"instances": [(mask, class, score), ...]}.
     For "semantic"/"iterative" the reference runs inference at the padded input size and then crops and
     resizes the [K, ...] scores (resize_before_inference=False, memory-friendly); True resizes the masks
@@ -294,7 +363,12 @@ def postprocess_batch(
             labels, assignment = general_inference(cls_i, masks, general_threshold, ignore_label)
             results.append({"labels": labels, "assignment": assignment})
         elif mode == "panoptic":
-            pan, info = panoptic_inference(cls_i, masks, thing_ids, object_mask_threshold, overlap_threshold)
+            if panoptic_postprocessing == "detr":
+                pan, info = detr_panoptic_inference(cls_i, masks, thing_ids, detr_threshold)
+            elif panoptic_postprocessing == "maskformer":
+                pan, info = panoptic_inference(cls_i, masks, thing_ids, object_mask_threshold, overlap_threshold)
+            else:
+                raise ValueError(f"unknown panoptic post-processing {panoptic_postprocessing!r}")
             lut = torch.full((len(info) + 1,), ignore_label, dtype=torch.int64, device=pan.device)
             for seg in info:
                 lut[seg["id"]] = seg["category_id"]
@@ -385,6 +459,8 @@ def build_postprocessor(cfg: Any, thing_ids: Iterable[int] = (), ignore_label: i
             thing_ids=thing_ids,
             object_mask_threshold=cfg.object_mask_threshold,
             overlap_threshold=cfg.overlap_threshold,
+            panoptic_postprocessing=cfg.panoptic_postprocessing,
+            detr_threshold=cfg.detr_threshold,
             general_threshold=cfg.general_threshold,
             iterative_ratio=cfg.iterative_ratio,
             ignore_label=ignore_label,

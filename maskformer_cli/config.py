@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -185,6 +186,11 @@ class InferenceConfig:
     """Panoptic: drop predictions whose class confidence is below this (0.8 COCO, 0.7 ADE20K)."""
     overlap_threshold: float = 0.8
     """Panoptic: drop segments whose visible area is below this share of their mask (m_i > 0.5)."""
+    panoptic_postprocessing: Literal["maskformer", "detr"] = "maskformer"
+    """Panoptic: 'maskformer' (paper Sec. 3.4, the two thresholds above) or 'detr' (DETR's post-processing,
+    the "MaskFormer (DETR)" row of Table 3: detr_threshold, mask-logit argmax, segments of <= 4 px removed)."""
+    detr_threshold: float = 0.85
+    """Panoptic with panoptic_postprocessing=detr: keep predictions whose class confidence is above this."""
     general_threshold: float = 0.3
     """General inference for semantic output: confidence filter (appendix, Table VII)."""
     iterative_ratio: float = 0.3
@@ -433,6 +439,16 @@ def override_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...],
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved in a checkpoint or a run's config.yaml."""
     return from_dict(Recipe, data)
+
+
+def with_absolute_dataset_spec(recipe: Recipe) -> Recipe:
+    """`recipe` with a custom dataset spec (data.dataset ending in .yaml / .yml) made absolute, as `train`
+    saves it: a relative path in config.yaml or a checkpoint would find nothing from another directory."""
+    spec = recipe.data.dataset
+    if not spec.lower().endswith((".yaml", ".yml")) or Path(spec).expanduser().is_absolute():
+        return recipe
+    spec = os.path.abspath(Path(spec).expanduser())  # not resolve(): the spec's paths are relative to a link
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, dataset=spec))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,4 +1,4 @@
-"""Process-group setup and the few collectives the engine needs; exact sharding; `--gpus N` relaunch.
+"""Process-group setup and the few collectives the engine needs; exact sharding (`--gpus N` relaunch: launch.py).
 
 Everything works unchanged in a single process (no torchrun variables): the collectives become
 no-ops and rank/world size are 0/1. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) a process group is
@@ -9,8 +9,6 @@ is CUDA, gloo otherwise. With NCCL, tensors passed to the collectives must be on
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +163,16 @@ def any_nonfinite(loss: torch.Tensor | float) -> bool:
     return bool(flag.item() > 0)
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on EVERY rank when `flag` is true on ANY rank (a collective under a process group; with NCCL,
+    `device` must be this rank's GPU). Used where ranks must take the same branch, e.g. all stop together."""
+    if not _active() or get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """The contiguous share of range(n) that `rank` evaluates: sizes differ by at most one, no padding.
 
@@ -179,78 +187,3 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------- relaunch
-
-
-def strip_option(argv: list[str], option: str) -> list[str]:
-    """`argv` without `option VALUE` / `option=VALUE` (every occurrence; arguments after `--` kept)."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            out += argv[i:]
-            break
-        if arg == option:
-            i += 2
-            continue
-        if arg.startswith(option + "="):
-            i += 1
-            continue
-        out.append(arg)
-        i += 1
-    return out
-
-
-def torchrun_command(nproc: int, argv: list[str], module: str = "maskformer_cli") -> list[str]:
-    """The command `relaunch_with_torchrun` runs (for logging and `ablate --dry-run`)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--standalone",
-        "-m",
-        module,
-        *strip_option(list(argv), "--gpus"),
-    ]
-
-
-def relaunch_with_torchrun(
-    nproc: int, argv: list[str], module: str = "maskformer_cli", timeout: float | None = None
-) -> int:
-    """Run `python -m torch.distributed.run --nproc-per-node N --standalone -m maskformer_cli ARGV`.
-
-    `argv` is the CLI's arguments after the program name (e.g. `sys.argv[1:]`); `--gpus` is removed so
-    the children run in place. Returns torchrun's exit code (non-zero when any rank failed). Without
-    CUDA the N ranks run on CPU with gloo (useful for testing); with CUDA, N may not exceed the
-    visible devices. `timeout` (seconds, for tests) stops the job and returns 124 when it runs longer.
-    """
-    if nproc < 1:
-        raise UserError(f"--gpus must be >= 1, got {nproc}")
-    if under_torchrun():
-        raise UserError("--gpus cannot be used inside torchrun; the job is already distributed")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise UserError(
-            f"--gpus {nproc} requested but only {torch.cuda.device_count()} CUDA devices are visible"
-        )
-    cmd = torchrun_command(nproc, argv, module)
-    proc = subprocess.Popen(cmd)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun forwards SIGTERM to its workers
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return 124
-    except KeyboardInterrupt:
-        # Ctrl-C reaches torchrun too (same process group): give it time to stop its workers.
-        try:
-            return proc.wait(timeout=30)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-            return 130

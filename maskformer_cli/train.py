@@ -6,11 +6,10 @@ the CLI calls: it relaunches under torchrun for `--gpus N` and sets up the proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 
-from maskformer_cli import __version__
 from maskformer_cli import distributed as dist
+from maskformer_cli import launch
 from maskformer_cli.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     CheckpointManager,
@@ -29,28 +28,58 @@ from maskformer_cli.checkpoint import (
     check_compatible,
     restore_rng_state,
 )
-from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict
+from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.criterion import build_criterion
-from maskformer_cli.data.build import build_eval_loader, build_train_loader, dataset_info
+from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
 from maskformer_cli.engine import EvalSpec, evaluate, train_step, unwrap
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
-from maskformer_cli.reporting import Logger, metrics_table, plot_curves, save_prediction_overlay
+from maskformer_cli.reporting import Logger, console, metrics_table, plot_curves, save_prediction_overlay
+from maskformer_cli.run_dir import env_json, prepare_run_dir
 
 
 def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_from: Path | None, gpus: int,
               run_dir: Path | None, exist_ok: bool, device: str) -> None:
+    """The `train` command. A run stopped by SIGINT / SIGTERM (checkpoint saved) exits with 128 + the signal
+    (130, 143), not 0."""
     recipe = load_recipe(recipe_path, overrides)
     if gpus > 0 and "LOCAL_RANK" not in os.environ:
-        argv = dist.strip_option(sys.argv[1:], "--gpus")
-        raise SystemExit(dist.relaunch_with_torchrun(gpus, argv))
-    info = dist.init_distributed(device)
+        argv = launch.strip_option(sys.argv[1:], "--gpus")
+        raise SystemExit(launch.relaunch_with_torchrun(gpus, argv))
     try:
-        train(recipe, run_dir=run_dir, resume=resume, init_from=init_from, exist_ok=exist_ok,
-              device=info.device)
-    finally:
-        dist.cleanup()
+        info = dist.init_distributed(device)
+        try:
+            result = train(recipe, run_dir=run_dir, resume=resume, init_from=init_from, exist_ok=exist_ok,
+                           device=info.device)
+        finally:
+            dist.cleanup()
+    except UserError as e:
+        # A rank of `train --gpus N`: the relaunching process prints the job's one line (rank 0's).
+        if launch.report_user_error(_one_line(e)) and not _verbose():
+            raise SystemExit(1) from None
+        raise
+    except Exception:
+        # A peer's UserError ended its process, which breaks this rank's collectives ("Connection closed"):
+        # a consequence, not a second error worth a traceback.
+        if launch.peer_reported_user_error() and not _verbose():
+            raise SystemExit(1) from None
+        raise
+    if result.stop_signal is not None:
+        # A stopped run is not a finished one: `train && evaluate` and schedulers must see the failure.
+        raise SystemExit(128 + result.stop_signal)
+
+
+def _one_line(e: UserError) -> str:
+    from maskformer_cli.cli import _original_message  # the CLI's own reading of a UserError
+
+    return _original_message(e)
+
+
+def _verbose() -> bool:
+    """`maskformer -v`: tracebacks wanted, from every rank."""
+    cli = sys.modules.get("maskformer_cli.cli")
+    return bool(os.environ.get("MASKFORMER_VERBOSE")) or bool(cli and cli._state.get("verbose"))
 
 
 @dataclass
@@ -59,6 +88,8 @@ class TrainResult:
     step: int
     metrics: dict[str, Any]
     interrupted: bool
+    stop_signal: int | None = None
+    """The signal (SIGINT 2, SIGTERM 15) that stopped the run; the CLI exits with 128 + it."""
 
 
 class _StopFlag:
@@ -66,6 +97,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -75,9 +107,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        # A second Ctrl-C stops at once. A second SIGTERM does not: under `--gpus N` a scheduler's SIGTERM
+        # can reach a rank twice (directly, and passed on by torchrun), and must still save the checkpoint.
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -107,32 +141,11 @@ def eval_spec(recipe: Recipe, info, metrics: tuple[str, ...] | None = None, mode
     return EvalSpec(
         metrics=metrics, mode=mode, num_classes=info.num_classes, ignore_label=info.ignore_label,
         thing_ids=tuple(info.thing_ids), object_mask_threshold=inf.object_mask_threshold,
-        overlap_threshold=inf.overlap_threshold, general_threshold=inf.general_threshold,
+        overlap_threshold=inf.overlap_threshold, panoptic_postprocessing=inf.panoptic_postprocessing,
+        detr_threshold=inf.detr_threshold, general_threshold=inf.general_threshold,
         iterative_ratio=inf.iterative_ratio, tta=inf.tta if tta is None else tta, tta_scales=inf.tta_scales,
         tta_flip=inf.tta_flip,
     )
-
-
-def _env_json(world_size: int, device: torch.device) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    return {
-        "maskformer": __version__, "git_sha": sha, "python": platform.python_version(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "world_size": world_size, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "argv": sys.argv, "hostname": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-def _prepare_run_dir(run_dir: Path, resume: bool, exist_ok: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or exist_ok):
-        raise UserError(f"run directory {run_dir} already exists: use --resume to continue it, --exist-ok to "
-                        f"write into it, or another --run-dir / name=")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval").mkdir(exist_ok=True)
 
 
 def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
@@ -165,46 +178,83 @@ def parameter_checksum(model: torch.nn.Module) -> float:
     return float(total)
 
 
+MAX_SAMPLELESS_STEPS = 20
+"""Steps in a row without a single readable training sample (on any rank) before training stops: by then
+it is the data (a wrong label_suffix, a wrong folder), not bad luck."""
+
+
+def _check_data_hint(dataset: str) -> str:
+    if dataset.lower().endswith((".yaml", ".yml")):
+        return f"check them with `maskformer prepare-data custom --check {dataset}`"
+    return f"prepare the dataset again with `maskformer prepare-data {dataset.replace('_', '-')}`"
+
+
+def _notice(log: Logger, text: str) -> None:
+    """A yellow console line (rank 0, unless quiet) naming files: not wrapped, so paths stay whole, and
+    plain text, so brackets in a path or message are not taken for markup."""
+    from rich.text import Text
+
+    if log.enabled and not log.quiet:
+        console.print(Text(text, style="yellow"), soft_wrap=True)
+
+
+def _some(reasons: list[str], k: int = 3) -> str:
+    return "; ".join(reasons[:k]) + ("; ..." if len(reasons) > k else "")
+
+
 def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
           exist_ok: bool = False, device: torch.device | str = "cpu", stop_after: int | None = None,
           quiet: bool = False) -> TrainResult:
-    """Train `recipe` to solver.max_iters (or until a stop signal / `stop_after` steps in this call)."""
+    """Train `recipe` to solver.max_iters (or until a stop signal / `stop_after` steps in this call).
+
+    What can fail on the user's input (the dataset and its train and val splits, --init-from weights, the
+    --resume checkpoint) is checked before the run directory is made: a run that fails to start leaves
+    nothing in the way of its rerun.
+    """
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
+    recipe = with_absolute_dataset_spec(recipe)  # the saved recipe must work from any directory
     s = recipe.solver
     run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output_dir) / recipe.name
-    if main:
-        _prepare_run_dir(run_dir, resume, exist_ok)
-    dist.barrier()
     log = Logger(run_dir, enabled=main, quiet=quiet)
     if s.batch_size % (world * s.grad_accum):
         raise UserError(f"solver.batch_size={s.batch_size} is not divisible by world size {world} x "
                         f"grad_accum {s.grad_accum}")
     per_rank = s.batch_size // (world * s.grad_accum)
+
+    info = dataset_info(recipe.data)
+    train_set = build_train_dataset(recipe.data, info)
+    # built now, so that a missing val split stops the run before training, not after the whole schedule
+    eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
+    resume_path = None
+    if resume:
+        ckpt_dir = run_dir / "checkpoints"
+        resume_path = CheckpointManager(ckpt_dir, keep_last=s.keep_last).latest_valid() if ckpt_dir.is_dir() else None
+        if resume_path is None:
+            raise UserError(f"--resume: no valid checkpoint in {ckpt_dir} (a run that never saved one starts "
+                            f"again without --resume)")
+
     if s.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(s.seed)
-
-    info = dataset_info(recipe.data)
-    model = build_model(recipe.model, info.num_classes).to(device)
-    if init_from is not None and not resume:
-        skipped = load_init_weights(model, Path(init_from))
-        if skipped:
-            log.print(f"[yellow]init-from:[/] re-initialised {len(skipped)} tensors whose shape differs: "
-                      f"{', '.join(skipped[:6])}")
+    # Weights to come (--init-from, --resume) replace the backbone's: loading ImageNet weights first would
+    # only cost a download, and fail offline.
+    weights_to_come = init_from is not None or resume
+    model_cfg = dataclasses.replace(recipe.model, pretrained=None) if weights_to_come else recipe.model
+    model = build_model(model_cfg, info.num_classes).to(device)
+    init_skipped = load_init_weights(model, Path(init_from)) if init_from is not None and not resume else []
     criterion = build_criterion(recipe, info.num_classes)
     optimizer = build_optimizer(model, s)
     scheduler = build_scheduler(optimizer, s)
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=s.keep_last) if main else None
 
     start_step, best = 0, None
-    if resume:
-        path = CheckpointManager(run_dir / "checkpoints", keep_last=s.keep_last).latest_valid()
-        if path is None:
-            raise UserError(f"--resume: no valid checkpoint in {run_dir / 'checkpoints'}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if resume_path is not None:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        saved_ds = ((ckpt.get("recipe") or {}).get("data") or {}).get("dataset")
+        if isinstance(saved_ds, str) and os.path.abspath(saved_ds) == recipe.data.dataset:
+            ckpt["recipe"]["data"]["dataset"] = recipe.data.dataset  # saved relative by an earlier version
         check_compatible(ckpt, to_dict(recipe))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -215,10 +265,28 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
         rngs = ckpt.get("rng") or []
         if rank < len(rngs):
             restore_rng_state(rngs[rank])
-        log.print(f"resumed from {path} at step {start_step}")
+
+    notice, error = None, None
+    if main:
+        try:
+            notice = prepare_run_dir(run_dir, resume, exist_ok)
+        except UserError as e:
+            error = str(e)
+    # every rank stops on rank 0's verdict: a rank left waiting would only see a broken connection
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    if notice:
+        _notice(log, f"{notice}")
+    if init_skipped:
+        log.print(f"[yellow]init-from:[/] re-initialised {len(init_skipped)} tensors whose shape differs: "
+                  f"{', '.join(init_skipped[:6])}")
+    if resume_path is not None:
+        log.print(f"resumed from {resume_path} at step {start_step}")
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=s.keep_last) if main else None
     if main:
         (run_dir / "config.yaml").write_text(dump_recipe(recipe))
-        (run_dir / "env.json").write_text(json.dumps(_env_json(world, device), indent=2))
+        (run_dir / "env.json").write_text(json.dumps(env_json(world, device), indent=2))
 
     ddp_model: torch.nn.Module = model
     if world > 1:
@@ -227,7 +295,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
             find_unused_parameters=False)
 
     loader = build_train_loader(recipe.data, info, batch_size=per_rank, seed=s.seed, rank=rank, world_size=world,
-                                start_position=start_step * per_rank * s.grad_accum)
+                                start_position=start_step * per_rank * s.grad_accum, dataset=train_set)
     task = recipe.data.task
     metric_name = primary_metric(task)
     spec = eval_spec(recipe, info)
@@ -235,7 +303,6 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
 
     def run_eval(step: int, num_overlays: int = 0) -> dict[str, Any]:
         dist.broadcast_buffers(model)
-        eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
         shown: list[int] = []
 
         def draw(pred: dict, meta: dict) -> None:  # a few pictures of the final model, rank 0 only
@@ -256,7 +323,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
             log.result({"step": step, **metrics})
         return metrics
 
-    def checkpoint(step: int, is_best: bool) -> None:
+    def checkpoint_state(step: int) -> dict[str, Any] | None:
+        """The checkpoint of this step (a collective: every rank calls it); None on ranks other than 0."""
         rngs = dist.all_gather_object(capture_rng_state())
         dist.broadcast_buffers(model)
         extra = {}
@@ -266,27 +334,62 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
             if not extra["ddp_params_identical"]:
                 log.print(f"[red]step {step}: parameters differ across ranks: {sums}")
         if not main:
-            return
-        manager.save(step, {
+            return None
+        return {
             "format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs,
             "sampler": {"position": step * per_rank * s.grad_accum}, "best_metric": best,
             "recipe": to_dict(recipe), "classes": list(info.classes), "dataset": info.name,
             "thing_ids": list(info.thing_ids), "ignore_label": info.ignore_label, **extra,
-        }, is_best=is_best)
+        }
+
+    def save(step: int, state: dict[str, Any] | None, is_best: bool) -> None:
+        if state is not None:
+            state["best_metric"] = best
+            manager.save(step, state, is_best=is_best)
+
+    def evaluate_and_mark_best(step: int, state: dict[str, Any] | None, num_overlays: int) -> dict[str, Any]:
+        """Evaluate at `step`, whose checkpoint `state` is already saved; save it again as best.pt (with the
+        new best metric) when the primary metric improves."""
+        nonlocal best
+        metrics = run_eval(step, num_overlays=num_overlays)
+        value = metrics.get(metric_name)
+        if value is not None and (best is None or value > best):
+            best = value
+            save(step, state, is_best=True)
+        return metrics
 
     metrics: dict[str, Any] = {}
-    step, bad, skipped_samples, interrupted = start_step, 0, 0, False
+    step, bad, skipped_samples, interrupted, stop_signal = start_step, 0, 0, False, None
+    skipped_files: dict[int, str] = {}  # dataset index -> why it was skipped (first seen)
+    empty_steps, sampleless = 0, 0
+    if start_step >= s.max_iters:
+        final = run_dir / "eval" / f"step_{start_step:08d}.json"
+        saved = dist.broadcast_object(json.loads(final.read_text()) if main and final.is_file() else None)
+        if saved is not None:
+            metrics = {k: v for k, v in saved.items() if k not in ("step", "per_class")}
+            _notice(log, f"{run_dir} had already finished (step {start_step}, solver.max_iters="
+                      f"{s.max_iters}): nothing to train or evaluate; its final evaluation is {final}")
+        else:
+            _notice(log, f"{run_dir} had already finished training (step {start_step}, solver.max_iters="
+                      f"{s.max_iters}) but has no final evaluation: evaluating now")
+            state = checkpoint_state(start_step)
+            metrics = evaluate_and_mark_best(start_step, state, num_overlays=6)
     model.train()
     log.start(s.max_iters, completed=start_step)
-    it = iter(loader)
+    it = iter(loader) if step < s.max_iters else None
     t_last, imgs_since = time.perf_counter(), 0
     try:
         with _StopFlag() as stop:
             while step < s.max_iters:
                 micro = [next(it) for _ in range(s.grad_accum)]
-                skipped_samples += sum(b.num_skipped for b in micro)
+                for b in micro:
+                    skipped_samples += b.num_skipped
+                    for index, reason in b.skipped_files:
+                        if not skipped_files:
+                            _notice(log, f"skipping a bad training sample: {reason} (all are listed at the end)")
+                        skipped_files.setdefault(index, reason)
                 res = train_step(ddp_model, criterion, optimizer, micro, device=device, precision=s.precision,
                                  scaler=scaler, clip_grad=s.clip_grad, clip_fn=clip_grad_norm_full_model)
                 with warnings.catch_warnings():
@@ -296,7 +399,16 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                     scheduler.step()
                 step += 1
                 imgs_since += per_rank * s.grad_accum * world
-                if res.overflow:
+                # agreed on every rank (res.samples is summed over ranks), so every rank stops together
+                sampleless = sampleless + 1 if res.samples == 0 else 0
+                if sampleless >= MAX_SAMPLELESS_STEPS:
+                    raise UserError(
+                        f"stopped at step {step}: no training sample could be read in {sampleless} steps in a row; "
+                        f"{len(skipped_files)} files skipped, e.g. {_some(list(skipped_files.values()))}; "
+                        f"{_check_data_hint(recipe.data.dataset)}")
+                if res.empty:
+                    empty_steps += 1  # a micro-batch of bad files only: nothing to learn from, not a bad step
+                elif res.overflow:
                     pass  # fp16 grad scaler calibrating its scale; it has already adjusted
                 elif res.skipped:
                     bad += 1
@@ -317,16 +429,19 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                     log.log(rec)
                     log.advance(step, f"loss {res.total:.3f} lr {rec['lr']:.2e} {rec['images_per_s']:.1f} img/s")
                 last = step == s.max_iters
-                is_best = False
-                if step % s.eval_every == 0 or last:
-                    metrics = run_eval(step, num_overlays=6 if last else 0)
-                    value = metrics.get(metric_name)
-                    if value is not None and (best is None or value > best):
-                        best, is_best = value, True
-                stopping = stop.requested or (stop_after is not None and step - start_step >= stop_after)
+                # a signal reaches the ranks at different moments: they agree, or one would wait for the others
+                stopping = (dist.any_rank(stop.requested, device)
+                            or (stop_after is not None and step - start_step >= stop_after))
+                state = None
                 if step % s.checkpoint_every == 0 or last or stopping:
-                    checkpoint(step, is_best)
+                    # saved before evaluating: an evaluation that fails must not take these weights with it
+                    state = checkpoint_state(step)
+                    save(step, state, is_best=False)
+                if step % s.eval_every == 0 or last:
+                    metrics = evaluate_and_mark_best(step, state, num_overlays=6 if last else 0)
                 if stopping and not last:
+                    # every rank exits with the signal, also those it did not reach (torchrun sees one cause)
+                    stop_signal = next((x for x in dist.all_gather_object(stop.signum) if x is not None), None)
                     interrupted = True
                     log.print(f"[yellow]stopped at step {step}; checkpoint saved. Continue with --resume.")
                     break
@@ -337,13 +452,23 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+    # every rank's skipped files (each rank loads its own share of the samples)
+    files: dict[int, str] = {}
+    times = 0
+    for rank_files, rank_times in dist.all_gather_object((skipped_files, skipped_samples)):
+        times += rank_times
+        for index, reason in rank_files.items():
+            files.setdefault(index, reason)
     if main and not interrupted:
         plot_curves(run_dir)
         if metrics:
             log.print(metrics_table(metrics, title=f"{recipe.name} @ step {step}"))
-        if skipped_samples:
-            log.print(f"[yellow]{skipped_samples} unreadable training samples were skipped")
-    return TrainResult(run_dir=run_dir, step=step, metrics=metrics, interrupted=interrupted)
+    if files:
+        empty = f"; {empty_steps} steps had a batch of bad files only and were skipped" if empty_steps else ""
+        _notice(log, f"{len(files)} training files were skipped ({times} times in all{empty}): "
+                  f"{_some(sorted(files.values()))}; {_check_data_hint(recipe.data.dataset)}")
+    return TrainResult(run_dir=run_dir, step=step, metrics=metrics, interrupted=interrupted,
+                       stop_signal=stop_signal)
 
 
 __all__ = ["run_train", "train", "TrainResult", "eval_spec", "unwrap"]

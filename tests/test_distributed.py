@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from maskformer_cli import distributed as D
+from maskformer_cli import launch as L
 from maskformer_cli.errors import UserError
 
 
@@ -58,7 +59,7 @@ def test_single_process_helpers(no_torchrun: None) -> None:
 
 def test_strip_option_and_command() -> None:
     argv = ["train", "r.yaml", "--gpus", "4", "solver.lr=1", "--gpus=2", "--resume", "--", "--gpus", "9"]
-    assert D.strip_option(argv, "--gpus") == [
+    assert L.strip_option(argv, "--gpus") == [
         "train",
         "r.yaml",
         "solver.lr=1",
@@ -67,8 +68,8 @@ def test_strip_option_and_command() -> None:
         "--gpus",
         "9",
     ]
-    assert D.strip_option(["--gpusx", "1"], "--gpus") == ["--gpusx", "1"]
-    cmd = D.torchrun_command(2, ["train", "r.yaml", "--gpus", "2"])
+    assert L.strip_option(["--gpusx", "1"], "--gpus") == ["--gpusx", "1"]
+    cmd = L.torchrun_command(2, ["train", "r.yaml", "--gpus", "2"])
     assert cmd[:2] == [sys.executable, "-m"]
     assert cmd[2:] == [
         "torch.distributed.run",
@@ -86,7 +87,7 @@ def test_relaunch_refuses_inside_torchrun(monkeypatch: pytest.MonkeyPatch) -> No
     for var, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(UserError, match="already distributed"):
-        D.relaunch_with_torchrun(2, ["train", "x.yaml"])
+        L.relaunch_with_torchrun(2, ["train", "x.yaml"])
 
 
 # Runs as each rank of the torchrun job; every rank writes what it observed to OUT/rank{r}.json.
@@ -95,12 +96,25 @@ _WORKER = textwrap.dedent(
     import json, math, sys
     import torch
     from maskformer_cli import distributed as D
+    from maskformer_cli import launch as L
 
     out, mode, device = sys.argv[1], sys.argv[2], sys.argv[3]
     info = D.init_distributed(device)
     r, w = info.rank, info.world_size
     if mode == "fail" and r == 1:
         sys.exit(3)
+    if mode == "stop":  # as `train` exits after saving a checkpoint on SIGTERM
+        sys.exit(143)
+    if mode == "usererror":  # as `train` handles a UserError on one rank (see train.run_train)
+        if r == 0:
+            L.report_user_error("rank 0 says: fix the input")
+            sys.exit(1)
+        try:
+            D.barrier()  # the peer is gone: "Connection closed"
+        except Exception:
+            if L.peer_reported_user_error():
+                sys.exit(1)
+            raise
     res = {"rank": r, "world": w, "local_rank": info.local_rank, "is_main": info.is_main,
            "get_rank": D.get_rank(), "get_world_size": D.get_world_size()}
     dev = info.device  # NCCL needs tensors on this rank's GPU
@@ -143,7 +157,7 @@ def test_collectives_agree_across_two_gloo_ranks(
     out = worker_module
     # the parent has no CUDA restriction to check against; relaunch is what `train --gpus 2` calls
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc = D.relaunch_with_torchrun(
+    rc = L.relaunch_with_torchrun(
         2, [str(out), "ok", "cpu", "--gpus", "2"], module="_mf_dist_worker", timeout=240
     )
     assert rc == 0
@@ -164,7 +178,7 @@ def test_collectives_agree_across_two_gloo_ranks(
 @pytest.mark.distributed
 def test_relaunch_reports_a_failed_rank(worker_module: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc = D.relaunch_with_torchrun(
+    rc = L.relaunch_with_torchrun(
         2, [str(worker_module), "fail", "cpu"], module="_mf_dist_worker", timeout=240
     )
     assert rc != 0
@@ -175,7 +189,7 @@ def test_relaunch_reports_a_failed_rank(worker_module: Path, monkeypatch: pytest
 @pytest.mark.distributed
 def test_nccl_single_rank_under_torchrun(worker_module: Path) -> None:
     # one GPU is enough to run the NCCL code path (a process group is created even for one rank)
-    rc = D.relaunch_with_torchrun(
+    rc = L.relaunch_with_torchrun(
         1, [str(worker_module), "ok", "cuda"], module="_mf_dist_worker", timeout=240
     )
     assert rc == 0
@@ -183,3 +197,61 @@ def test_nccl_single_rank_under_torchrun(worker_module: Path) -> None:
     assert x["device"] == "cuda:0" and (x["rank"], x["world"]) == (0, 1)
     assert x["sum"] == [1.0, 10.0] and x["gathered"] == [{"rank": 0, "shard": list(range(11))}]
     assert x["nonfinite_nan"] is True and x["nonfinite_inf"] is True and x["nonfinite_none"] is False
+
+
+def test_launcher_exit_codes() -> None:
+    """How the launcher reads its ranks' exit codes: a reported UserError or a stop by SIGINT / SIGTERM is
+    explained (no torchrun report) and exits as a single process would; anything else is a failure."""
+    report = [{"rank": 1, "time": 0.0, "message": "bad"}]
+    assert L.launcher_exit({0: -15, 1: 1}, report) == (1, True)
+    assert L.launcher_exit({0: 143, 1: 143}, []) == (143, True)
+    assert L.launcher_exit({1: 130}, []) == (130, True)
+    assert L.launcher_exit({0: -15, 1: 143}, []) == (143, True)  # killed by the signal, or saved and exited
+    assert L.launcher_exit({0: 143, 1: 1}, []) == (1, False)  # one rank crashed
+    assert L.launcher_exit({0: 3}, []) == (1, False)
+    assert [L.stop_signal_of(c) for c in (130, 143, -2, -15, 0, 1, 137, -9)] == [2, 15, 2, 15, None, None, None, None]
+
+
+def test_relaunch_result(capsys: pytest.CaptureFixture[str]) -> None:
+    reports = [{"rank": 0, "time": 2.0, "message": "from rank 0"}, {"rank": 1, "time": 1.0, "message": "from 1"}]
+    with pytest.raises(UserError, match="^from rank 0$"):
+        L.relaunch_result(1, reports)
+    assert L.relaunch_result(143, []) == 143
+    assert capsys.readouterr().err.strip() == "the torchrun job stopped on SIGTERM (exit code 143)"
+    assert L.relaunch_result(1, []) == 1 and L.relaunch_result(0, []) == 0
+    assert not capsys.readouterr().err
+
+
+def test_rank_reports_put_rank_0_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(L.RANK_REPORTS_ENV, str(tmp_path))
+    assert not L.report_user_error("not relaunched")  # outside torchrun: the caller prints it
+    for rank in (2, 0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert L.report_user_error(f"r{rank}")
+    assert [r["message"] for r in L.rank_reports()] == ["r0", "r2", "r1"]
+    assert L.peer_reported_user_error()
+
+
+@pytest.mark.distributed
+def test_relaunch_keeps_the_stop_signal_exit_code(
+    worker_module: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = L.relaunch_with_torchrun(2, [str(worker_module), "stop", "cpu"], module="_mf_dist_worker", timeout=240)
+    assert rc == 143
+    err = capfd.readouterr().err
+    assert "stopped on SIGTERM (exit code 143)" in err
+    assert "ChildFailedError" not in err and "Traceback" not in err and "exitcode" not in err, err
+
+
+@pytest.mark.distributed
+def test_relaunch_turns_a_ranks_user_error_into_one_line(
+    worker_module: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="rank 0 says: fix the input"):
+        L.relaunch_with_torchrun(2, [str(worker_module), "usererror", "cpu"], module="_mf_dist_worker", timeout=240)
+    err = capfd.readouterr().err
+    assert "ChildFailedError" not in err and "Traceback" not in err and "exitcode" not in err, err

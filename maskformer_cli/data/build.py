@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maskformer_cli.config import DataConfig
 from maskformer_cli.data.catalog import DatasetInfo, datasets_root, get_dataset_info
-from maskformer_cli.data.collate import collate
+from maskformer_cli.data.collate import Batch, collate
 from maskformer_cli.data.datasets import build_dataset
 from maskformer_cli.data.sampler import InferenceSampler, TrainingSampler, worker_init_fn
 from maskformer_cli.data.transforms import build_transforms
@@ -50,7 +51,10 @@ def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
         want = {"num_classes": data.synthetic_num_classes, "num_images": data.synthetic_num_images,
                 "size": data.synthetic_size, "seed": data.synthetic_seed}
         entry = stamp_entry(path, "synthetic") if path.exists() else None
-        if entry is None or {k: entry.get("params", {}).get(k) for k in want} != want:
+        have = {k: (entry or {}).get("params", {}).get(k) for k in want}
+        if entry is None or have != want:
+            if entry is not None:
+                _notice_regenerating(path, have, want)
             generate_synthetic(path, **want)
     if not path.exists():
         name = info.name.replace("_", "-")
@@ -59,8 +63,44 @@ def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
     return path
 
 
+def _notice_regenerating(path: Path, have: dict, want: dict) -> None:
+    """One line (rank 0) naming what differs, because regenerating replaces a set the user may have made
+    on purpose (e.g. `prepare-data synthetic --num-images 40`); recipes stay reproducible only this way."""
+    from rich.markup import escape
+
+    from maskformer_cli import distributed as dist
+    from maskformer_cli.reporting import console
+
+    if not dist.is_main():
+        return
+    diff = ", ".join(f"{k} {have[k]} -> {want[k]}" for k in want if have[k] != want[k])
+    console.print(f"[yellow]note:[/] regenerating the synthetic dataset in {escape(str(path))} "
+                  f"(on disk -> recipe: {escape(diff)})", highlight=False, soft_wrap=True)
+
+
+@dataclass
+class TrainBatch(Batch):
+    """A training batch, plus the samples skipped under the bad-file policy as (dataset index, reason): the
+    reasons are recorded in the loader's worker processes, so they travel to the training loop this way."""
+
+    skipped_files: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    index: int
+    reason: str
+
+
+def _train_collate(samples: list, **kwargs) -> TrainBatch:
+    skipped = [(s.index, s.reason) for s in samples if isinstance(s, _Skipped)]
+    batch = collate([None if isinstance(s, _Skipped) else s for s in samples], **kwargs)
+    return TrainBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)}, skipped_files=skipped)
+
+
 class _SeededSamples(Dataset):
-    """Wraps a dataset whose __getitem__ receives (stream_position, index): seeds RNGs, then loads."""
+    """Wraps a dataset whose __getitem__ receives (stream_position, index): seeds RNGs, then loads. A sample
+    skipped by the dataset's bad-file policy comes back as a _Skipped naming its index and reason."""
 
     def __init__(self, dataset: Dataset, seed: int, rank: int):
         self.dataset = dataset
@@ -76,7 +116,12 @@ class _SeededSamples(Dataset):
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
-        return self.dataset[index]
+        sample = self.dataset[index]
+        if sample is None:
+            # pop: the dataset's list lives in this worker and would otherwise grow with every repeat
+            recorded = getattr(self.dataset, "skipped", None)
+            return _Skipped(index, recorded.pop() if recorded else "unreadable sample")
+        return sample
 
 
 class _PositionedSampler(Sampler):
@@ -92,18 +137,27 @@ class _PositionedSampler(Sampler):
             yield self.start + k, int(idx)
 
 
-def build_train_loader(data: DataConfig, info: DatasetInfo, *, batch_size: int, seed: int, rank: int,
-                       world_size: int, start_position: int = 0, task: str | None = None) -> DataLoader:
-    """Infinite training loader for this rank; `batch_size` is per rank and per micro-batch."""
+def build_train_dataset(data: DataConfig, info: DatasetInfo, task: str | None = None) -> Dataset:
+    """The training split with its augmentation, bad samples skipped (UserError when it is missing or empty);
+    separate from the loader so that `train` can check it before it makes the run directory."""
     root = ensure_prepared(info, data)
     ds = build_dataset(info, datasets_root(data.root), data.train_split, task or data.task, build_transforms(data, train=True),
                        skip_bad=True)
     if len(ds) == 0:
         raise UserError(f"no training images in {root} (split '{data.train_split}')")
+    return ds
+
+
+def build_train_loader(data: DataConfig, info: DatasetInfo, *, batch_size: int, seed: int, rank: int,
+                       world_size: int, start_position: int = 0, task: str | None = None,
+                       dataset: Dataset | None = None) -> DataLoader:
+    """Infinite training loader for this rank; `batch_size` is per rank and per micro-batch. Its batches are
+    TrainBatch (skipped samples named). `dataset`: one from `build_train_dataset`, else built here."""
+    ds = dataset if dataset is not None else build_train_dataset(data, info, task)
     sampler = TrainingSampler(len(ds), shuffle=True, seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
         _SeededSamples(ds, seed, rank), batch_size=batch_size, sampler=_PositionedSampler(sampler, start_position),
-        num_workers=data.num_workers, collate_fn=partial(collate, size_divisibility=data.size_divisibility,
+        num_workers=data.num_workers, collate_fn=partial(_train_collate, size_divisibility=data.size_divisibility,
                                                          ignore_label=info.ignore_label),
         worker_init_fn=worker_init_fn, persistent_workers=data.num_workers > 0, drop_last=True,
     )

@@ -12,6 +12,9 @@ Layout under `out` (default runs/ablations/<file stem>):
 A finished run (result.json, or a final evaluation at max_iters) is never redone; an interrupted one
 resumes from its last checkpoint. So the cluster workflow is: --dry-run, submit the printed commands, then
 run the same command without --dry-run to collect the table. The paper reports the median of 3 runs (Sec. 4.1): use --seeds 3.
+`key=value` overrides on the command line change every run (after each variant's own keys), so they are part of
+each run's recipe: an --out holding runs made without them (or with others) is refused, not mixed in.
+A run stopped by SIGINT / SIGTERM stops the ablation (checkpoint saved); the CLI then exits with 128 + signal.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,10 +34,12 @@ import yaml
 
 from maskformer_cli.ablate_table import Row, build_rows, render_markdown, render_rich, write_csv
 from maskformer_cli.ablation_file import TRAIN_DIR, Ablation, Variant, load_ablation
-from maskformer_cli.config import Recipe, dump_recipe, to_dict
+from maskformer_cli.config import Recipe, dump_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.errors import UserError
 
 RESULT_FILE = "result.json"
+GPUS_PER_NODE = 8  # the paper's machines: 8 V100s per node (COCO panoptic's 64 GPUs are 8 nodes)
+RDZV_ENDPOINT = "$MASTER_ADDR:29500"  # a placeholder the shell fills on each node of a multi-node run
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -61,6 +67,16 @@ class AblationResult:
     rows: list[Row]
     commands: list[str]
     complete: bool
+    stop_signal: int | None = None
+    """The signal (SIGINT 2, SIGTERM 15) that stopped a run, and with it the ablation."""
+
+
+class _Stopped(Exception):
+    """A run stopped before max_iters (its checkpoint saved), by `signal` or None (a test's stop_after)."""
+
+    def __init__(self, signal: int | None) -> None:
+        super().__init__(signal)
+        self.signal = signal
 
 
 # ---------------------------------------------------------------------------------------------- expansion
@@ -100,6 +116,8 @@ def write_recipe_file(run: Run, ablation: Ablation) -> Path:
     what = f"variant '{run.variant.name}'" if run.variant else "the shared training run"
     src = f" from {ablation.source}" if ablation.source else ""
     header = f"# Materialised by `maskformer ablate`{src}: {what}, seed index {run.seed_index}.\n"
+    if ablation.overrides:
+        header += f"# Command-line overrides: {shlex.join(ablation.overrides).replace(chr(10), ' ')}\n"
     run.recipe_path.write_text(header + dump_recipe(run.recipe))
     return run.recipe_path
 
@@ -185,7 +203,8 @@ def check_run_config(run: Run) -> None:
         saved = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return
-    mine = json.loads(json.dumps(to_dict(run.recipe)))
+    # train() saves a custom dataset spec's path made absolute: compare like with like
+    mine = json.loads(json.dumps(to_dict(with_absolute_dataset_spec(run.recipe))))
     changed = [k for k in _changed_keys(saved, mine) if k != "output_dir"]
     if changed:
         raise UserError(f"{run.run_dir} holds a run of a different recipe (changed: {', '.join(changed[:6])}); "
@@ -247,12 +266,43 @@ def _default_evaluate(recipe: Recipe, checkpoint: Path, device: Any) -> dict[str
 
 
 def _default_runner(cmd: list[str]) -> int:
-    return subprocess.run(cmd, check=False).returncode
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too (same process group): let it save its checkpoint and exit (130).
+        return proc.wait()
+
+
+def _stop_signal(returncode: int) -> int | None:
+    """SIGINT / SIGTERM when a train subprocess's exit code says it was stopped by one (128 + signal as
+    `maskformer train` exits, or -signal when the signal killed it), else None."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if returncode in (128 + sig, -sig):
+            return int(sig)
+    return None
+
+
+def torchrun_launch(gpus: int) -> list[str]:
+    """torchrun's options for `gpus` GPUs per run: one node up to GPUS_PER_NODE; beyond, whole nodes of
+    GPUS_PER_NODE meeting at a c10d rendezvous on $MASTER_ADDR (the same command runs on every node)."""
+    if gpus <= GPUS_PER_NODE:
+        return ["--nproc-per-node", str(gpus)]
+    if gpus % GPUS_PER_NODE:
+        raise UserError(f"{gpus} GPUs per run do not fill nodes of {GPUS_PER_NODE} GPUs: use a multiple of "
+                        f"{GPUS_PER_NODE}, or --gpus {GPUS_PER_NODE} or fewer for one node")
+    return ["--nnodes", str(gpus // GPUS_PER_NODE), "--nproc-per-node", str(GPUS_PER_NODE),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", RDZV_ENDPOINT]
+
+
+def shell_line(cmd: list[str]) -> str:
+    """`cmd` as one shell line, quoted, except the rendezvous placeholder the shell must expand."""
+    return " ".join(a if a == RDZV_ENDPOINT else shlex.quote(a) for a in cmd)
 
 
 def train_command(run: Run, gpus: int) -> list[str]:
     """What a cluster user submits for one run (torchrun form, one line)."""
-    return ["torchrun", "--nproc-per-node", str(gpus), "-m", "maskformer_cli", "train", str(run.recipe_path),
+    return ["torchrun", *torchrun_launch(gpus), "-m", "maskformer_cli", "train", str(run.recipe_path),
             "--run-dir", str(run.run_dir)]
 
 
@@ -272,7 +322,7 @@ def _inference_extras(run: Run, base: Recipe) -> list[str]:
 def dry_run_commands(ablation: Ablation, trains: list[Run], evals: list[Run], gpus: int) -> list[str]:
     lines = []
     for run in trains:
-        lines.append(shlex.join(train_command(run, gpus)))
+        lines.append(shell_line(train_command(run, gpus)))
     if ablation.evaluate_only:
         for run in evals:
             line = shlex.join(evaluate_command(run))
@@ -284,8 +334,8 @@ def dry_run_commands(ablation: Ablation, trains: list[Run], evals: list[Run], gp
 
 
 def _train_one(run: Run, *, gpus: int, device: Any, train_fn: TrainFn, runner: Runner, console: Any,
-               ablation: Ablation) -> dict[str, Any] | None:
-    """Train `run` to the end (resuming when it has a checkpoint). None when interrupted."""
+               ablation: Ablation) -> dict[str, Any]:
+    """Train `run` to the end (resuming when it has a checkpoint); `_Stopped` when it stopped before."""
     check_run_config(run)
     resume = _has_checkpoint(run.run_dir)
     exist_ok = not resume and run.run_dir.exists() and any(run.run_dir.iterdir())
@@ -296,6 +346,8 @@ def _train_one(run: Run, *, gpus: int, device: Any, train_fn: TrainFn, runner: R
                "--gpus", str(gpus)]
         cmd += ["--resume"] if resume else (["--exist-ok"] if exist_ok else [])
         rc = runner(cmd)
+        if _stop_signal(rc) is not None:
+            raise _Stopped(_stop_signal(rc))
         if rc != 0:
             raise UserError(f"{run.label}: training exited with code {rc}; run the same `maskformer ablate` "
                             f"command again to resume it")
@@ -307,38 +359,53 @@ def _train_one(run: Run, *, gpus: int, device: Any, train_fn: TrainFn, runner: R
     out = train_fn(run.recipe, run_dir=run.run_dir, resume=resume, exist_ok=exist_ok, device=device, quiet=False)
     max_iters = run.recipe.solver.max_iters
     if getattr(out, "interrupted", False) or getattr(out, "step", max_iters) < max_iters:
-        return None
+        raise _Stopped(getattr(out, "stop_signal", None))
     metrics = dict(getattr(out, "metrics", None) or {})
     if not metrics:
         return recover_result(run, ablation)
     return save_result(run, metrics, int(out.step), ablation)
 
 
-def run_ablate(file: Path, *, seeds: int = 1, dry_run: bool = False, gpus: int = 0, out: Path | None = None,
-               device: str = "auto", train_fn: TrainFn | None = None, evaluate_fn: EvaluateFn | None = None,
-               runner: Runner | None = None, console: Any = None) -> AblationResult:
+def check_out(runs: list[Run]) -> None:
+    """Refuse an --out whose runs were made by other recipes (a changed file, other `key=value` overrides)
+    before anything in it is written."""
+    for run in {r.run_dir: r for r in runs}.values():
+        read_result(run)
+        check_run_config(run)
+
+
+def run_ablate(file: Path, overrides: list[str] | tuple[str, ...] = (), *, seeds: int = 1, dry_run: bool = False,
+               gpus: int = 0, out: Path | None = None, device: str = "auto", train_fn: TrainFn | None = None,
+               evaluate_fn: EvaluateFn | None = None, runner: Runner | None = None,
+               console: Any = None) -> AblationResult:
     """Run every variant x seed of the ablation `file` (skipping finished runs) and write the table.
 
-    gpus > 0: each run is a `maskformer train ... --gpus N` subprocess; 0: in this process on `device`.
-    dry_run: write the materialised recipes and print the commands, run nothing.
-    `train_fn`, `evaluate_fn`, `runner` replace train(), checkpoint evaluation and subprocess.run (tests).
+    `file` may be a plain recipe (one variant, e.g. to take the median over --seeds). `overrides`
+    (`key=value`) are set on every run after its variant's keys. gpus > 0: each run is a
+    `maskformer train ... --gpus N` subprocess; 0: in this process on `device`, or with dry_run the file's
+    `gpus:`. dry_run: write the materialised recipes and print the commands, run nothing. A run stopped by a
+    signal stops the ablation: the result is incomplete and carries the signal.
+    `train_fn`, `evaluate_fn`, `runner` replace train(), checkpoint evaluation and the subprocess (tests).
     """
     from maskformer_cli.reporting import console as default_console
 
     console = console or default_console
     if gpus < 0:
         raise UserError(f"--gpus must be >= 0, got {gpus}")
-    ablation = load_ablation(file)
+    ablation = load_ablation(file, overrides)
     out = Path(out) if out is not None else Path("runs") / "ablations" / Path(file).stem
     trains, evals = expand(ablation, seeds, out)
+    check_out(trains + evals)
     for run in trains + (evals if ablation.evaluate_only else []):
         write_recipe_file(run, ablation)
 
     if dry_run:
         g = gpus or ablation.gpus
         commands = dry_run_commands(ablation, trains, evals, g)
+        nodes = (f" ({g // GPUS_PER_NODE} nodes x {GPUS_PER_NODE}: start each command on every node, with "
+                 f"MASTER_ADDR set to the first node's address)") if g > GPUS_PER_NODE else ""
         console.print(f"[bold]{ablation.name}[/]: {len(ablation.variants)} variants x {seeds} seed(s), "
-                      f"{g} GPU(s) per run; recipes in {out / 'recipes'}")
+                      f"{g} GPU(s) per run{nodes}; recipes in {out / 'recipes'}")
         for line in commands:
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         console.print("When the jobs have finished, run the same command without --dry-run to collect the table "
@@ -355,7 +422,7 @@ def run_ablate(file: Path, *, seeds: int = 1, dry_run: bool = False, gpus: int =
         dev = dist.resolve_device(device)
 
     results: dict[tuple[str, int], dict[str, Any]] = {}
-    complete = True
+    complete, stop_signal = True, None
     total = len(trains)
     for i, run in enumerate(trains, 1):
         done = read_result(run) or recover_result(run, ablation)
@@ -363,11 +430,12 @@ def run_ablate(file: Path, *, seeds: int = 1, dry_run: bool = False, gpus: int =
             console.print(f"[dim]({i}/{total}) {run.label}: finished earlier, skipped[/]")
         else:
             console.print(f"[bold]({i}/{total}) {run.label}[/] -> {run.run_dir}")
-            done = _train_one(run, gpus=gpus, device=dev, train_fn=train_fn, runner=runner, console=console,
-                              ablation=ablation)
-            if done is None:
+            try:
+                done = _train_one(run, gpus=gpus, device=dev, train_fn=train_fn, runner=runner, console=console,
+                                  ablation=ablation)
+            except _Stopped as stopped:
                 console.print(f"[yellow]{run.label} was interrupted; run the same command again to resume it[/]")
-                complete = False
+                complete, stop_signal = False, stopped.signal
                 break
         if run.variant is not None:
             results[(run.variant.name, run.seed_index)] = done
@@ -388,7 +456,7 @@ def run_ablate(file: Path, *, seeds: int = 1, dry_run: bool = False, gpus: int =
     write_csv(ablation, rows, out / "table.csv")
     console.print(render_rich(ablation, rows, seeds))
     console.print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
-    return AblationResult(out=out, rows=rows, commands=[], complete=complete)
+    return AblationResult(out=out, rows=rows, commands=[], complete=complete, stop_signal=stop_signal)
 
 
 __all__ = ["AblationResult", "Run", "dry_run_commands", "expand", "run_ablate"]

@@ -5,6 +5,9 @@ An ablation file is not a recipe. It holds a `base:` recipe mapping (the recipe 
 columns), `paper: {variant: {metric: number}}` (shown beside ours), `gpus` (per run, for --dry-run) and
 `evaluate_only: true` (variants differ only in `inference.*`: train the base once per seed, then evaluate
 its checkpoint once per variant). Every variant must build a valid recipe; errors name the file and variant.
+A plain recipe file is read as a one-variant ablation (to repeat it over seeds, e.g. Cityscapes' median of 5).
+Command-line `key=value` overrides apply to the base and to every variant, after the variant's own keys:
+the command line wins, as with `maskformer train`.
 `ablate.py` expands an Ablation into runs and runs them.
 """
 
@@ -17,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskformer_cli.config import ConfigError, Recipe, from_dict, read_yaml, section, suggest, to_dict
+from maskformer_cli.config import (
+    ConfigError,
+    Recipe,
+    from_dict,
+    parse_override,
+    read_yaml,
+    section,
+    suggest,
+    to_dict,
+)
 
 ABLATION_KEYS = ("name", "description", "metrics", "gpus", "evaluate_only", "base", "variants", "paper")
 TRAIN_DIR = "_train"  # the shared training runs of evaluate_only files; no variant may take the name
@@ -50,6 +62,8 @@ class Ablation:
     variants: tuple[Variant, ...]
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     source: Path | None = None
+    overrides: tuple[str, ...] = ()
+    """The command line's `key=value` overrides, already applied to `base` and every variant."""
 
 
 def slugify(name: str) -> str:
@@ -81,6 +95,16 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str 
     return out
 
 
+def apply_command_line(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of the recipe mapping `data` with `key=value` overrides set exactly as `maskformer train`
+    sets them (the value replaces the key's, a mapping included)."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        section(out, keys[:-1], ".".join(keys))[keys[-1]] = value
+    return out
+
+
 def _recipe(data: dict[str, Any], where: str) -> Recipe:
     try:
         return from_dict(Recipe, data)
@@ -95,41 +119,54 @@ def default_metrics(recipes: Sequence[Recipe]) -> tuple[str, ...]:
     return tuple(metrics)
 
 
-def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", source: Path | None = None) -> Ablation:
-    """An `Ablation` from the mapping of an ablation file, strictly (every variant must build a valid recipe)."""
+def is_plain_recipe(data: Any) -> bool:
+    """A recipe mapping (only recipe sections, no base: or variants:), which `ablate` runs as one variant."""
+    return isinstance(data, dict) and bool(data) and set(data) <= set(Recipe.__dataclass_fields__)
+
+
+def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", source: Path | None = None,
+                   overrides: Sequence[str] = ()) -> Ablation:
+    """An `Ablation` from the mapping of an ablation file (or of a plain recipe: one variant named after the
+    recipe), strictly: every variant must build a valid recipe. `overrides` (`key=value`, the command line)
+    are set on the base and on every variant after its own keys; an unknown key is the same error as in
+    `maskformer train`."""
     where = str(source) if source is not None else "ablation"
+    plain = is_plain_recipe(data)
+    if plain:
+        data = {"base": data, "variants": {str(data.get("name") or default_name): {}}}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: an ablation file is a mapping with base: and variants:")
     if "variants" not in data or "base" not in data:
         missing = [k for k in ("base", "variants") if k not in data]
-        hint = " (this looks like a recipe: use `maskformer train`)" if {"model", "solver", "data"} & set(data) else ""
-        raise ConfigError(f"{where}: an ablation file needs {' and '.join(missing)}:{hint}")
+        raise ConfigError(f"{where}: an ablation file needs {' and '.join(missing)}: (a plain recipe has neither)")
     unknown = [k for k in data if k not in ABLATION_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}'{suggest(str(unknown[0]), ABLATION_KEYS)}")
     base_map = data["base"] or {}
     if not isinstance(base_map, dict):
         raise ConfigError(f"{where}: base: must be a recipe mapping (model:, data:, solver:, ...)")
-    base = _recipe(base_map, f"{where}: base")
+    base = _recipe(base_map, where if plain else f"{where}: base")
+    if overrides:  # checked on the base first, so a bad key reads as `maskformer train FILE key=value` says it
+        base = _recipe(apply_command_line(base_map, overrides), where)
     raw_variants = data["variants"]
     if not isinstance(raw_variants, dict) or not raw_variants:
         raise ConfigError(f"{where}: variants: must map variant names to {{dotted.key: value}} (at least one)")
     variants: list[Variant] = []
     slugs: dict[str, str] = {}
-    for name, overrides in raw_variants.items():
+    for name, keys in raw_variants.items():
         name = str(name)
-        overrides = overrides or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{where}: variant '{name}': expected a mapping of dotted keys, got {overrides!r}")
+        keys = keys or {}
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{where}: variant '{name}': expected a mapping of dotted keys, got {keys!r}")
         vw = f"{where}: variant '{name}'"
-        recipe = _recipe(apply_overrides(base_map, overrides, vw), vw)
+        recipe = _recipe(apply_command_line(apply_overrides(base_map, keys, vw), overrides), vw)
         slug = slugify(name)
         if slug in slugs:
             raise ConfigError(f"{where}: variants '{slugs[slug]}' and '{name}' map to the same directory '{slug}'")
         if slug == TRAIN_DIR or slug == "recipes":
             raise ConfigError(f"{where}: variant name '{name}' is reserved")
         slugs[slug] = name
-        variants.append(Variant(name=name, overrides=dict(overrides), recipe=recipe))
+        variants.append(Variant(name=name, overrides=dict(keys), recipe=recipe))
     evaluate_only = data.get("evaluate_only", False)
     if not isinstance(evaluate_only, bool):
         raise ConfigError(f"{where}: evaluate_only: expected true or false, got {evaluate_only!r}")
@@ -167,12 +204,13 @@ def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", sour
     name = data.get("name") or default_name
     return Ablation(name=str(name), description=str(data.get("description") or ""), metrics=tuple(metrics),
                     gpus=gpus, evaluate_only=evaluate_only, base=base, variants=tuple(variants), paper=paper,
-                    source=source)
+                    source=source, overrides=tuple(overrides))
 
 
-def load_ablation(path: str | Path) -> Ablation:
-    """Read and validate an ablation YAML file."""
+def load_ablation(path: str | Path, overrides: Sequence[str] = ()) -> Ablation:
+    """Read and validate an ablation YAML file (or a plain recipe, as one variant), with command-line
+    `key=value` overrides applied to every variant."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"ablation file not found: {p}")
-    return parse_ablation(read_yaml(p), default_name=p.stem, source=p)
+    return parse_ablation(read_yaml(p), default_name=p.stem, source=p, overrides=overrides)

@@ -8,6 +8,7 @@ shows the traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -75,12 +76,33 @@ def info(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: the built-in defaults).")] = None,
     overrides: Overrides = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes K (default: the recipe's dataset).")] = None,
-    size: Annotated[str, typer.Option(help="Input HxW for the FLOP count.")] = "512x512",
+    size: Annotated[
+        str | None, typer.Option(help="Input HxW for the FLOP count (default: the recipe's data.crop_size).",
+                                 show_default=False)
+    ] = None,
     flops: Annotated[bool, typer.Option(help="Count FLOPs (multiply-adds, one forward).")] = True,
 ) -> None:
-    """Build the model of a recipe and print its summary: parameters per module and FLOPs."""
+    """Build the model of a recipe (no pretrained weights: nothing is downloaded) and print its summary:
+    parameters per module and FLOPs."""
     run_info = _command("summary", "run_info", "info", "issue #2")
-    run_info(recipe, overrides or [], num_classes=num_classes, size=size, count_flops=flops)
+    recipe, overrides, size = _info_inputs(recipe, overrides or [], size)
+    run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops)
+
+
+def _info_inputs(recipe: Path | None, overrides: list[str], size: str | None) -> tuple[Path | None, list[str], str]:
+    """`info`'s recipe, overrides and FLOP size: pretrained weights off (counting needs the architecture
+    only, and must work offline), and the size defaulting to the recipe's training crop (the paper counts
+    FLOPs at the crop size, Table 1)."""
+    from maskformer_cli.config import load_recipe
+
+    if recipe is not None and "=" in str(recipe) and not recipe.exists():
+        # `maskformer info model.backbone=resnet101`: an override given where the recipe would be.
+        overrides, recipe = [str(recipe), *overrides], None
+    overrides = [*overrides, "model.pretrained=null"]
+    if size is None:
+        h, w = load_recipe(recipe, overrides).data.crop_size
+        size = f"{h}x{w}"
+    return recipe, overrides, size
 
 
 # ---------------------------------------------------------------------------------------- prepare-data
@@ -218,23 +240,29 @@ def evaluate(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, directories (their images, not sub-folders) or globs ('photos/**/*.jpg').")],
     weights: Annotated[Path, typer.Option(help="Checkpoint: our .pt, official model_final_*.pkl, or a HF dir.")],
     task: Annotated[str, typer.Option(help="semantic | panoptic | instance")] = "semantic",
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("predictions"),
     dataset: Annotated[
-        str | None, typer.Option(help="Class names/colors from this dataset (official .pkl/HF weights).")
+        str | None, typer.Option(help="The dataset the weights were trained on: class names, colors, things and "
+                                      "(official .pkl/HF weights) the paper's test size for it.")
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="inference.* override as key=value, repeatable, e.g. "
-                                   "--set inference.object_mask_threshold=0.5.", show_default=False),
+        typer.Option("--set", help="inference.* or data.* override as key=value, repeatable, e.g. "
+                                   "--set inference.object_mask_threshold=0.5 --set data.test_short_side=800.",
+                     show_default=False),
     ] = None,
+    exist_ok: Annotated[bool, typer.Option(help="Replace the predictions already in --out.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
     run_predict = _command("predict", "run_predict", "predict", "issue #5")
-    run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [])
+    run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [],
+                exist_ok=exist_ok, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- ablate
@@ -242,18 +270,41 @@ def predict(
 
 @app.command()
 def ablate(
-    file: Annotated[Path, typer.Argument(help="Ablation YAML: a base recipe plus named variants.")],
-    seeds: Annotated[int, typer.Option(help="Seeds per variant (the paper reports the median of 3).")] = 1,
+    file: Annotated[Path, typer.Argument(
+        help="Ablation YAML (a base recipe plus named variants), or a plain recipe to repeat over --seeds.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Recipe overrides as key=value for every variant (they win over the variant's own "
+                            "keys), e.g. solver.max_iters=50.", show_default=False),
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per variant (the paper reports the median of 3; Cityscapes 5).")] = 1,
     dry_run: Annotated[bool, typer.Option(help="Print the torchrun commands instead of running.")] = False,
-    gpus: Annotated[int, typer.Option(help="GPUs per variant (torchrun).")] = 0,
+    gpus: Annotated[
+        int, typer.Option(help="GPUs per run, each run a torchrun job. Default: train in this process; with "
+                               "--dry-run, the file's gpus: value (more than 8: nodes of 8).", show_default=False)
+    ] = 0,
     out: Annotated[Path | None, typer.Option(help="Output directory for the runs and the table.")] = None,
 ) -> None:
     """Train and evaluate every variant of an ablation and print the paper-style table."""
     run_ablate = _command("ablate", "run_ablate", "ablate", "issue #6")
-    run_ablate(file, seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
+    result = run_ablate(file, overrides or [], seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
+    if result.stop_signal is not None:
+        # Stopped by a signal (checkpoint saved): not finished, so not exit 0 (schedulers, `&&` chains).
+        raise typer.Exit(128 + result.stop_signal)
 
 
 # ------------------------------------------------------------------------------------------ entrypoint
+
+
+def _original_message(e: UserError) -> str:
+    """The user's one line. A UserError raised in a DataLoader worker reaches here re-raised by torch with
+    the worker's whole traceback as its message: keep only the original error's text."""
+    text = str(e)
+    marker = "Original Traceback (most recent call last):"
+    if marker not in text:
+        return text
+    lines = [ln for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+    return re.sub(r"^[\w.]+Error: ", "", lines[-1]) if lines else text
 
 
 def main() -> None:
@@ -265,7 +316,7 @@ def main() -> None:
             raise
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {_original_message(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -50,6 +50,7 @@ class FakeTrainResult:
     step: int
     metrics: dict
     interrupted: bool
+    stop_signal: int | None = None
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FakeTrain:
 
     interrupt: set = field(default_factory=set)  # run names to interrupt on their first call
     calls: list = field(default_factory=list)
+    stop_signal: int | None = None  # what stopped an interrupted run (None: stop_after)
 
     def __call__(self, recipe, *, run_dir, resume, exist_ok, device, quiet):
         self.calls.append({"name": recipe.name, "resume": resume, "exist_ok": exist_ok, "run_dir": run_dir,
@@ -70,7 +72,7 @@ class FakeTrain:
         if recipe.name in self.interrupt:
             self.interrupt.discard(recipe.name)
             (run_dir / "checkpoints" / "step_00000002.pt").write_bytes(b"x")
-            return FakeTrainResult(run_dir, 2, {}, True)
+            return FakeTrainResult(run_dir, 2, {}, True, self.stop_signal)
         (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
         return FakeTrainResult(run_dir, recipe.solver.max_iters, score(recipe), False)
 
@@ -133,9 +135,21 @@ def test_bad_ablation_files_name_the_problem(tmp_path, variants, extra, match):
         load_ablation(write_ablation(tmp_path, variants, **extra))
 
 
-def test_a_recipe_is_not_an_ablation_file(tmp_path):
-    with pytest.raises(ConfigError, match="needs base and variants.*looks like a recipe"):
-        load_ablation(write_recipe(tmp_path, BASE))
+def test_a_plain_recipe_is_a_one_variant_ablation_over_seeds(tmp_path):
+    """`ablate RECIPE --seeds 5` (the paper's median of 5 Cityscapes runs): one variant, the recipe as is."""
+    path = write_recipe(tmp_path, BASE)
+    abl = load_ablation(path)
+    assert [v.name for v in abl.variants] == ["tiny"] and to_dict(abl.variants[0].recipe) == to_dict(load_recipe(path))
+    fake, out = FakeTrain(), tmp_path / "out"
+    res = run_ablate(path, seeds=3, out=out, train_fn=fake, console=Quiet(), device="cpu")
+    assert res.complete and sorted(c["seed"] for c in fake.calls) == [7, 8, 9]
+    miou = [10.0 + 10 + 1.5 * s**2 for s in (0, 1, 2)]
+    assert float(read_csv(out / "table.csv")["tiny"]["mIoU_median"]) == pytest.approx(np.median(miou))
+    # a file that is neither a recipe nor a complete ablation file still says what is missing
+    bad = tmp_path / "half.yaml"
+    bad.write_text(yaml.safe_dump({"base": BASE}))
+    with pytest.raises(ConfigError, match="needs variants"):
+        load_ablation(bad)
 
 
 def test_slugify_keeps_names_readable():
@@ -217,6 +231,63 @@ def test_changed_variant_is_not_silently_reused(tmp_path):
         run_ablate(changed, out=out, train_fn=FakeTrain(), console=Quiet(), device="cpu")
 
 
+def test_command_line_overrides_win_and_are_part_of_the_run_state(tmp_path):
+    p = write_ablation(tmp_path, {"a": {"model.num_queries": 5, "solver.max_iters": 8}, "b": {"loss.matcher": "fixed"}})
+    abl = load_ablation(p, ["model.num_queries=3", "solver.max_iters=2", "solver.eval_every=2"])
+    # the command line wins over the variant's own keys; the variant's other keys stay; the base gets them too
+    assert [(v.recipe.model.num_queries, v.recipe.solver.max_iters) for v in abl.variants] == [(3, 2), (3, 2)]
+    assert abl.variants[1].recipe.loss.matcher == "fixed" and abl.base.model.num_queries == 3
+    # a bad key is the error `maskformer train FILE key=value` gives, naming the file
+    recipe = write_recipe(tmp_path, BASE)
+    with pytest.raises(ConfigError) as from_train:
+        load_recipe(recipe, ["solver.max_iter=3"])
+    with pytest.raises(ConfigError) as from_ablate:
+        load_ablation(p, ["solver.max_iter=3"])
+    assert str(from_ablate.value) == str(from_train.value).replace(str(recipe), str(p))
+    assert "did you mean 'solver.max_iters'" in str(from_ablate.value)
+
+    out, fake = tmp_path / "out", FakeTrain()
+    run_ablate(p, ["model.num_queries=3"], out=out, train_fn=fake, console=Quiet(), device="cpu")
+    assert [c["name"] for c in fake.calls] == ["abl-a-seed0", "abl-b-seed0"]
+    materialised = (out / "recipes" / "a-seed0.yaml").read_text()
+    assert load_recipe(out / "recipes" / "a-seed0.yaml").model.num_queries == 3
+    assert "overrides: model.num_queries=3" in materialised
+    # other overrides on the same --out are refused before anything there changes, ...
+    with pytest.raises(UserError, match=r"different recipe.*model.num_queries"):
+        run_ablate(p, ["model.num_queries=4"], out=out, train_fn=FakeTrain(), console=Quiet(), device="cpu")
+    with pytest.raises(UserError, match=r"different recipe.*model.num_queries"):
+        run_ablate(p, out=out, dry_run=True, console=Quiet())
+    assert (out / "recipes" / "a-seed0.yaml").read_text() == materialised
+    # ... and the same ones find the finished runs
+    again = FakeTrain()
+    res = run_ablate(p, ["model.num_queries=3"], out=out, train_fn=again, console=Quiet(), device="cpu")
+    assert again.calls == [] and res.complete
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+def test_a_signal_stops_the_ablation_and_the_cli_exits_128_plus_it(tmp_path, monkeypatch, signum):
+    from typer.testing import CliRunner
+
+    import maskformer_cli.ablate as ablate_mod
+    from maskformer_cli.cli import app
+
+    p = write_ablation(tmp_path, {"a": {}, "b": {"model.num_queries": 4}})
+    fake = FakeTrain(interrupt={"abl-a-seed0"}, stop_signal=signum)
+    res = run_ablate(p, out=tmp_path / "o1", train_fn=fake, console=Quiet(), device="cpu")
+    assert (res.complete, res.stop_signal) == (False, signum) and len(fake.calls) == 1  # b never started
+    # a `maskformer train` subprocess (--gpus) that exits 128 + signal, or is killed by it, stops it the same way
+    for rc in (128 + signum, -signum):
+        res = run_ablate(p, gpus=2, out=tmp_path / f"o{rc}", runner=lambda cmd, rc=rc: rc, console=Quiet())
+        assert (res.complete, res.stop_signal) == (False, signum)
+    monkeypatch.setattr(ablate_mod, "_default_train", FakeTrain(interrupt={"abl-a-seed0"}, stop_signal=signum))
+    result = CliRunner().invoke(app, ["ablate", str(p), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 128 + signum, result.output
+    assert "interrupted; run the same command again" in result.output
+    # finished: exit 0
+    monkeypatch.setattr(ablate_mod, "_default_train", FakeTrain())
+    assert CliRunner().invoke(app, ["ablate", str(p), "--out", str(tmp_path / "cli")]).exit_code == 0
+
+
 def test_dry_run_prints_torchrun_commands_and_writes_recipes(tmp_path):
     p = write_ablation(tmp_path, {"N=5": {"model.num_queries": 5}, "plus (x)": {"loss.matcher": "fixed"}},
                        gpus=8)
@@ -233,6 +304,22 @@ def test_dry_run_prints_torchrun_commands_and_writes_recipes(tmp_path):
     # --gpus overrides the file's GPUs per run
     res = run_ablate(p, seeds=1, dry_run=True, gpus=2, out=out, console=Quiet())
     assert all(shlex.split(c)[2] == "2" for c in res.commands)
+
+
+def test_dry_run_over_8_gpus_spans_nodes_of_8(tmp_path):
+    """64 GPUs (the paper's COCO runs) is 8 nodes x 8, not 64 processes on one node."""
+    p = write_ablation(tmp_path, {"a": {}}, gpus=64)
+    console = Quiet()
+    res = run_ablate(p, dry_run=True, out=tmp_path / "out", console=console)
+    args = shlex.split(res.commands[0])
+    assert args[:10] == ["torchrun", "--nnodes", "8", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", "$MASTER_ADDR:29500", "-m"]
+    assert " $MASTER_ADDR:29500 " in res.commands[0]  # unquoted: each node's shell fills it in
+    assert any("8 nodes x 8" in line for line in console.lines)
+    assert shlex.split(run_ablate(p, dry_run=True, gpus=8, out=tmp_path / "out", console=Quiet()).commands[0])[1:3] \
+        == ["--nproc-per-node", "8"]
+    with pytest.raises(UserError, match="12 GPUs per run do not fill nodes of 8"):
+        run_ablate(p, dry_run=True, gpus=12, out=tmp_path / "out", console=Quiet())
 
 
 def test_cluster_workflow_dry_run_then_collect(tmp_path):
@@ -316,6 +403,24 @@ def test_cli_dry_run_on_a_shipped_mini_ablation(tmp_path):
     assert "torchrun --nproc-per-node 1 -m maskformer_cli train" in result.output.replace("\n", " ")
     assert sorted(p.name for p in (tmp_path / "recipes").iterdir()) == [
         f"N={n}-seed0.yaml" for n in (10, 20, 5, 50)]
+    # key=value overrides on the command line reach every materialised recipe
+    result = CliRunner().invoke(app, ["ablate", str(root / "recipes/ablations/mini/queries.yaml"), "solver.max_iters=7",
+                                      "--dry-run", "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 0, result.output
+    assert {load_recipe(p).solver.max_iters for p in (tmp_path / "o2" / "recipes").iterdir()} == {7}
+
+
+def test_cli_dry_run_of_table5_prints_8_node_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from maskformer_cli.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(app, ["ablate", str(root / "recipes/ablations/table5_box_vs_mask_matching.yaml"),
+                                      "--dry-run", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    out = result.output.replace("\n", " ")
+    assert out.count("torchrun --nnodes 8 --nproc-per-node 8 ") == 2 and "--nproc-per-node 64" not in out
 
 
 # ------------------------------------------------------------------------------------------- query analysis
@@ -364,3 +469,22 @@ def test_query_plot_is_written(tmp_path):
 
     path = plot_query_stats([5, 3, 3, 1, 0], tmp_path / "q.png", title="t")
     assert path is not None and path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_config_check_reads_a_relative_custom_spec_as_train_saved_it(tmp_path, monkeypatch):
+    """train() saves data.dataset of a custom spec as an absolute path; a rerun of the same ablation from the
+    same folder must not see a different recipe."""
+    from maskformer_cli.ablate import Run, check_run_config
+    from maskformer_cli.config import dump_recipe, with_absolute_dataset_spec
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(None, ["data.dataset=specs/mine.yaml"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_recipe(with_absolute_dataset_spec(recipe)))
+    run = Run(variant=None, seed_index=0, recipe=recipe, run_dir=run_dir, recipe_path=tmp_path / "r.yaml")
+    check_run_config(run)  # the same recipe: no error
+    other = load_recipe(None, ["data.dataset=specs/other.yaml"])
+    with pytest.raises(UserError, match="different recipe"):
+        check_run_config(Run(variant=None, seed_index=0, recipe=other, run_dir=run_dir,
+                             recipe_path=tmp_path / "r.yaml"))

@@ -32,3 +32,39 @@ def test_config_error_is_one_red_line(tmp_path):
     assert r.returncode == 1
     assert "did you mean 'model.num_queries'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ablate_help_says_what_gpus_0_means():
+    out = " ".join(runner.invoke(app, ["ablate", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Default: train in this process; with --dry-run, the file's gpus: value" in out
+    assert "[default: 0]" not in out  # 0 is not a GPU count here
+    assert "overrides" in out and "key=value" in out
+
+
+class _BadDataset:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from maskformer_cli.errors import UserError
+
+        raise UserError("label not found: /data/x.png")
+
+
+def test_user_error_from_a_loader_worker_is_one_line():
+    """torch re-raises a worker's error with the worker's traceback as its message; the CLI prints the
+    original line only."""
+    import torch
+
+    from maskformer_cli.cli import _original_message
+    from maskformer_cli.errors import UserError
+
+    loader = torch.utils.data.DataLoader(_BadDataset(), num_workers=1)
+    try:
+        next(iter(loader))
+    except UserError as e:
+        assert "Original Traceback" in str(e)  # what torch does, or this test tests nothing
+        assert _original_message(e) == "label not found: /data/x.png"
+    else:
+        raise AssertionError("the worker's error did not propagate")
+    assert _original_message(UserError("plain")) == "plain"

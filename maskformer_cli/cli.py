@@ -166,6 +166,9 @@ def train(
     precision: Annotated[
         str | None, typer.Option(help="fp32 | bf16 | fp16 (fp16 uses a grad scaler); same as solver.precision=.")
     ] = None,
+    print_config: Annotated[
+        bool, typer.Option(help="Print the resolved recipe (file + overrides, validated) as YAML and exit.")
+    ] = False,
     device: Device = "auto",
 ) -> None:
     """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
@@ -173,6 +176,11 @@ def train(
     if precision is not None:
         # One name per idea: the flag is a shorthand for the recipe key, validated by the config loader.
         overrides = [*(overrides or []), f"solver.precision={precision}"]
+    if print_config:
+        from maskformer_cli.config import dump_recipe, load_recipe
+
+        typer.echo(dump_recipe(load_recipe(recipe, overrides or [])), nl=False)
+        return
     run_train(
         recipe,
         overrides or [],
@@ -206,7 +214,9 @@ def evaluate(
     predictions: Annotated[
         Path | None, typer.Option(help="Evaluate saved predictions (label PNGs / panoptic JSON) without a model.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write metrics.json and per_class.csv.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write metrics.json and per_class.csv (default: RUN/eval/<checkpoint>_<split> for a run's "
+             "checkpoint, else eval/<split>; replaced on each evaluation).", show_default=False)] = None,
     per_class: Annotated[bool, typer.Option(help="Print the per-class table.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N images.")] = None,

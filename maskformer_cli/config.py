@@ -305,7 +305,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}'{suggest(str(key), [prefix + n for n in names])}")
+            raise ConfigError(f"unknown key '{full}'{suggest(full, [prefix + n for n in names])}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value if value is not None else {}, prefix=f"{full}.")

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -68,3 +69,19 @@ def test_user_error_from_a_loader_worker_is_one_line():
     else:
         raise AssertionError("the worker's error did not propagate")
     assert _original_message(UserError("plain")) == "plain"
+
+
+def test_train_print_config_shows_the_resolved_recipe_and_trains_nothing(tmp_path):
+    import yaml
+
+    from maskformer_cli.cli import app
+
+    recipe = Path(__file__).parent.parent / "recipes" / "ade20k" / "maskformer_r50.yaml"
+    r = runner.invoke(app, ["train", str(recipe), "solver.lr=2e-4", "--print-config", "--run-dir", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    data = yaml.safe_load(r.output)
+    assert data["solver"]["lr"] == 2e-4 and data["data"]["dataset"] == "ade20k"
+    assert data["solver"]["max_iters"] == 160000  # the file's value, the paper's 160k schedule
+    assert not (tmp_path / "r").exists()
+    r = runner.invoke(app, ["train", str(recipe), "solver.lrr=2e-4", "--print-config"])
+    assert r.exit_code != 0 and "did you mean 'solver.lr'" in str(r.exception)

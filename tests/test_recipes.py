@@ -68,7 +68,8 @@ def test_every_paper_row_and_ablation_ships():
                  "recipes/coco-panoptic/maskformer_r50_6enc.yaml", "recipes/coco-panoptic/maskformer_r101_6enc.yaml",
                  "recipes/coco-panoptic/maskformer_swin_tiny.yaml", "recipes/coco-panoptic/maskformer_swin_base.yaml",
                  "recipes/coco-panoptic/maskformer_swin_large.yaml", "recipes/quickstart.yaml"}
-    for a in ("table4_per_pixel_vs_mask", "table5_box_vs_mask_matching", "queries", "decoder_layers", "inference"):
+    for a in ("table4_per_pixel_vs_mask", "table5_box_vs_mask_matching", "queries", "decoder_layers", "inference",
+              "inference_coco_stuff", "inference_ade20k_full"):
         expected.add(f"recipes/ablations/{a}.yaml")
     expected |= {f"recipes/ablations/mini/{a}.yaml" for a in (
         "per_pixel_vs_mask", "per_pixel_vs_mask_classes", "box_vs_mask_matching", "queries", "decoder_layers",
@@ -273,6 +274,8 @@ ABLATION_PAPER_RECIPES = {
     "table5_box_vs_mask_matching": ({"coco-panoptic": "coco-panoptic/maskformer_r50_6enc"}, set()),
     "queries": ({"ade20k": "ade20k/maskformer_r50"}, set()),
     "inference": ({"ade20k": "ade20k/maskformer_r50"}, set()),
+    "inference_coco_stuff": ({"coco-stuff-10k": "coco-stuff-10k/maskformer_r50"}, set()),
+    "inference_ade20k_full": ({"ade20k-full": "ade20k-full/maskformer_r50"}, set()),
     "decoder_layers": ({"ade20k": "ade20k/maskformer_r50",
                         "ade20k-panoptic": "ade20k-panoptic/maskformer_r50_6enc"}, set()),
 }

@@ -314,7 +314,7 @@ def evaluate_command(run: Run) -> list[str]:
 
 
 def _inference_extras(run: Run, base: Recipe) -> list[str]:
-    """inference.* keys of a variant that `maskformer evaluate` cannot set on its command line."""
+    """inference.* keys of a variant beyond --inference / --tta, as `maskformer evaluate` key=value overrides."""
     mine, theirs = to_dict(run.recipe.inference), to_dict(base.inference)
     return [f"inference.{k}={mine[k]}" for k in mine if k not in ("mode", "tta") and mine[k] != theirs[k]]
 
@@ -325,11 +325,8 @@ def dry_run_commands(ablation: Ablation, trains: list[Run], evals: list[Run], gp
         lines.append(shell_line(train_command(run, gpus)))
     if ablation.evaluate_only:
         for run in evals:
-            line = shlex.join(evaluate_command(run))
-            extras = _inference_extras(run, ablation.base)
-            if extras:
-                line += f"   # also needs {' '.join(extras)}: run `maskformer ablate` without --dry-run"
-            lines.append(line)
+            # evaluate takes inference.* key=value overrides: the variant's own thresholds go on its line
+            lines.append(shlex.join(evaluate_command(run) + _inference_extras(run, ablation.base)))
     return lines
 
 

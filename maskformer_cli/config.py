@@ -352,6 +352,14 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}min_scale/max_scale: need 0 < min_scale <= max_scale")
         if any(s <= 0 for s in obj.crop_size):
             raise ConfigError(f"{prefix}crop_size: must be positive, got {obj.crop_size}")
+        if obj.test_short_side is not None and obj.test_short_side < 0:
+            raise ConfigError(f"{prefix}test_short_side: must be >= 0 (0: the image's own size), "
+                              f"got {obj.test_short_side}")
+        if obj.test_max_long_side <= 0:
+            raise ConfigError(f"{prefix}test_max_long_side: must be > 0, got {obj.test_max_long_side}")
+    if isinstance(obj, InferenceConfig):
+        if not obj.tta_scales or any(s <= 0 for s in obj.tta_scales):
+            raise ConfigError(f"{prefix}tta_scales: need at least one scale, all > 0, got {list(obj.tta_scales)}")
     if isinstance(obj, SolverConfig):
         if obj.lr <= 0:
             raise ConfigError(f"{prefix}lr: must be > 0, got {obj.lr}")

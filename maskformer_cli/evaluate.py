@@ -129,7 +129,8 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
         task = "panoptic"
     recipe = replace(recipe, data=replace(recipe.data, task=task))
     metrics_wanted = _metrics_for(metric, task, mask_cls, tta=tta)
-    spec = eval_spec(recipe, info, metrics=metrics_wanted, mode=inference, tta=tta)
+    # --tta forces TTA on; without it the recipe decides (inference.tta=true, or a recipe trained with it)
+    spec = eval_spec(recipe, info, metrics=metrics_wanted, mode=inference, tta=True if tta else None)
     if spec.tta and "pq" in metrics_wanted and dist.is_main():
         console.print("[yellow]note:[/] test-time augmentation applies to mIoU and PQ-stuff; PQ is single-scale "
                       "(as the paper reports it)", highlight=False)

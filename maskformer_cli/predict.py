@@ -3,7 +3,8 @@
 Outputs under --out, named by the image's file stem (inputs that share a stem get their path relative to
 the inputs' common folder, `a/x.jpg` -> `a__x`; manifest.json maps every input to its name):
   overlays/<name>.png     image blended with the prediction, legend of the classes present
-  labels/<name>.png       semantic label map (uint8, uint16 when K > 255), contiguous class ids 0..K-1
+  labels/<name>.png       semantic label map (uint8, uint16 when K > 255), contiguous class ids 0..K-1, from
+                          semantic inference for every --task (what `evaluate` scores for mIoU)
   panoptic/<name>.png     (panoptic) COCO panoptic PNG, id = R + 256 G + 256^2 B; panoptic.json alongside
   instances.json          (instance / panoptic) COCO results with RLE masks and scores
   semantic_rle.json       (semantic) one COCO RLE per class present per image
@@ -85,11 +86,14 @@ def output_names(files: list[Path]) -> list[str]:
              for s, r in zip(stems, resolved, strict=True)]
     counts = Counter(names)
     names = [n if counts[n] == 1 else f"{n}_{f.suffix.lstrip('.').lower()}" for n, f in zip(names, files, strict=True)]
-    counts, seen = Counter(names), Counter()
-    out = []
-    for n in names:  # still equal (x.JPG and x.jpg): number them
-        seen[n] += 1
-        out.append(n if counts[n] == 1 else f"{n}_{seen[n]}")
+    counts, taken, out = Counter(names), set(), []
+    for n in names:  # still equal (x.JPG and x.jpg): number them, skipping names another input already has
+        name, k = n, 0
+        while name in taken or (name != n and name in counts) or (counts[n] > 1 and k == 0):
+            k += 1
+            name = f"{n}_{k}"
+        taken.add(name)
+        out.append(name)
     return out
 
 
@@ -237,7 +241,10 @@ def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, devi
                     seg_labels = np.full(pan_np.shape, void, np.int64)
                     for s in segments:
                         seg_labels[pan_np == s["id"]] = s["category_id"]
-                    _save_label_png(seg_labels, info.num_classes, out / "labels" / f"{stem}.png")
+                    # labels/ is the semantic output (the paper's semantic inference, what `evaluate` scores
+                    # for mIoU / PQ-stuff); the panoptic segments are in panoptic/ and panoptic.json
+                    labels = semantic_prediction(cls, masks, spec).cpu().numpy()
+                    _save_label_png(labels, info.num_classes, out / "labels" / f"{stem}.png")
                     if task == "panoptic":
                         from PIL import Image
 

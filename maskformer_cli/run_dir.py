@@ -57,6 +57,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, exist_ok: bool) -> str | None:
     notice = None
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or exist_ok):
         if not never_trained(run_dir):
+            if (run_dir / "config.yaml").is_file() and not any((run_dir / "checkpoints").glob("*.pt")):
+                # --resume would find nothing to continue: do not send the user there
+                raise UserError(f"run directory {run_dir} holds a run that saved no checkpoint: --exist-ok starts "
+                                f"again in it (its logs are overwritten), or use another --run-dir / name=")
             raise UserError(f"run directory {run_dir} already exists: use --resume to continue it, --exist-ok to "
                             f"write into it, or another --run-dir / name=")
         # A run that failed to start must not block its own rerun (nor need --exist-ok, which would also

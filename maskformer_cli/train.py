@@ -233,7 +233,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
         resume_path = CheckpointManager(ckpt_dir, keep_last=s.keep_last).latest_valid() if ckpt_dir.is_dir() else None
         if resume_path is None:
             raise UserError(f"--resume: no valid checkpoint in {ckpt_dir} (a run that never saved one starts "
-                            f"again without --resume)")
+                            f"again without --resume, with --exist-ok if its directory holds its logs)")
 
     if s.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -401,7 +401,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                 imgs_since += per_rank * s.grad_accum * world
                 # agreed on every rank (res.samples is summed over ranks), so every rank stops together
                 sampleless = sampleless + 1 if res.samples == 0 else 0
-                if sampleless >= MAX_SAMPLELESS_STEPS:
+                # ... and a schedule shorter than that which never saw a sample must not end as a success
+                if sampleless >= MAX_SAMPLELESS_STEPS or (step >= s.max_iters and sampleless == step - start_step):
                     raise UserError(
                         f"stopped at step {step}: no training sample could be read in {sampleless} steps in a row; "
                         f"{len(skipped_files)} files skipped, e.g. {_some(list(skipped_files.values()))}; "

@@ -81,6 +81,11 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
                 else "semantic"
             recipe = replace(recipe, data=replace(recipe.data, dataset=dataset, task=task, test_short_side=short,
                                                   test_max_long_side=long))
+            if info.name == "synthetic":
+                from maskformer_cli.data.build import with_synthetic_on_disk
+
+                recipe = replace(recipe, data=with_synthetic_on_disk(
+                    replace(recipe.data, synthetic_num_classes=info.num_classes)))
     if info is not None:
         classes, thing_ids, ignore = tuple(info.classes), tuple(info.thing_ids), info.ignore_label
     if not classes:

@@ -62,3 +62,18 @@ def test_bad_yaml_file(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("inference.tta_scales=[]", "tta_scales"), ("inference.tta_scales=[1.0, 0]", "tta_scales"),
+    ("data.test_short_side=-5", "test_short_side"), ("data.test_max_long_side=0", "test_max_long_side"),
+])
+def test_test_time_sizes_are_validated(override, match):
+    """Bad test sizes and TTA scales are one clear error, not a resize traceback deep in inference."""
+    from maskformer_cli.config import ConfigError, load_recipe, override_recipe
+
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(None, [override])
+    with pytest.raises(ConfigError, match=match):  # evaluate / predict overrides go through the same checks
+        override_recipe(load_recipe(None), [override])
+    load_recipe(None, ["data.test_short_side=0", "inference.tta_scales=[1.0]"])  # 0: the image's own size

@@ -240,6 +240,7 @@ def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_pat
      ["--inference", "general", "inference.general_threshold=0.05", "data.test_short_side=80"]),
     (["inference.mode=iterative"], ["--inference", "iterative"]),
     (["inference.tta=true"], ["--tta"]),
+    (["inference.tta=true"], ["inference.tta=true"]),  # the override works as the flag does
 ])
 def test_saved_predictions_equal_checkpoint_evaluation(trained, tmp_path, predict_set, evaluate_args):
     """`predict` (with inference/data settings) + `evaluate --predictions` == `evaluate CKPT` with the same
@@ -347,3 +348,28 @@ def test_evaluate_and_predict_with_detr_panoptic_postprocessing(trained, tmp_pat
     saved = json.loads((ev / "metrics.json").read_text())
     for key in ("PQ", "PQ_th", "PQ_st"):
         assert saved[key] == pytest.approx(m[key], abs=1e-9), key
+
+
+def test_panoptic_predictions_give_the_checkpoints_metrics_all(trained, tmp_path):
+    """One predict --task panoptic folder reproduces `evaluate CKPT --metric all`: PQ from panoptic/, mIoU and
+    PQ-stuff from labels/ (semantic inference, not the panoptic segments' categories)."""
+    out, ev = tmp_path / "pred", tmp_path / "ev"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic", "--out", out],
+           trained["root"])
+    invoke(["evaluate", "--predictions", out, "--dataset", "synthetic", "--metric", "all", "--out", ev],
+           trained["root"])
+    invoke(["evaluate", trained["ckpt"], "--metric", "all", "--out", tmp_path / "direct"], trained["root"])
+    saved = json.loads((ev / "metrics.json").read_text())
+    direct = json.loads((tmp_path / "direct" / "metrics.json").read_text())
+    for key in ("mIoU", "pAcc", "PQ_stuff", "PQ", "PQ_th", "PQ_st"):
+        assert saved[key] == pytest.approx(direct[key], abs=1e-9), key
+
+
+def test_output_names_are_unique_even_against_numbered_names():
+    from maskformer_cli.predict import output_names
+
+    files = [Path(p) for p in ("/c/x.jpg", "/c/x.png", "/c/x_jpg.png", "/c/x_jpg_1.jpg", "/a/y.JPG", "/a/y.jpg",
+                               "/a/z.png")]
+    names = output_names(files)
+    assert len(set(names)) == len(files) and names[-1] == "z"
+    assert output_names([Path("/a/p.png"), Path("/b/q.png")]) == ["p", "q"]  # plain stems when unique

@@ -28,3 +28,16 @@ def test_synthetic_generates_then_noop_then_regenerates_on_new_settings(tmp_path
     entry = stamp_entry(target, "synthetic")
     assert entry["params"]["num_images"] == 6 and entry["counts"]["train"] + entry["counts"]["val"] == 6
     assert len(list((target / "images").rglob("*.jpg"))) == 6  # replaced, no leftovers
+
+
+def test_weights_without_a_recipe_use_the_synthetic_set_on_disk(tmp_path):
+    """Evaluating official / HF weights on `synthetic` must not regenerate the user's set with defaults."""
+    from maskformer_cli.config import DataConfig
+    from maskformer_cli.data.build import with_synthetic_on_disk
+    from maskformer_cli.data.synthetic import generate_synthetic
+
+    data = DataConfig(dataset="synthetic", root=str(tmp_path))
+    assert with_synthetic_on_disk(data) == data  # nothing on disk: the defaults
+    generate_synthetic(tmp_path / "synthetic_k12", num_classes=12, num_images=10, size=64, seed=3)
+    found = with_synthetic_on_disk(data)
+    assert (found.synthetic_num_images, found.synthetic_size, found.synthetic_seed) == (10, 64, 3)

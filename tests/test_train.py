@@ -132,21 +132,28 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_root, signum):
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-to-group-with-workers"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_root, signum, to_group):
     """A pre-empted run saves a checkpoint, says so in one line (no traceback) and exits 128 + signal (143 for
-    SIGTERM, 130 for SIGINT), so `train && evaluate` and schedulers do not take it for a finished run."""
+    SIGTERM, 130 for SIGINT), so `train && evaluate` and schedulers do not take it for a finished run. Schedulers
+    often signal the whole process group: the data-loader workers get the SIGTERM too and must not die of it
+    before the main process has saved."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("")
-    proc = _cli("train", str(recipe), *TINY, f"data.root={data_root}", "solver.max_iters=100000",
-                "--run-dir", str(tmp_path / "run"), "--device", "cpu")
+    workers = ["data.num_workers=1"] if to_group else []
+    proc = _cli("train", str(recipe), *TINY, *workers, f"data.root={data_root}", "solver.max_iters=100000",
+                "--run-dir", str(tmp_path / "run"), "--device", "cpu", start_new_session=to_group)
     deadline = time.monotonic() + 120
     lines = []
     for line in proc.stdout:  # wait until training is under way
         lines.append(line)
         if line.startswith("step ") or time.monotonic() > deadline:
             break
-    proc.send_signal(signum)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, "".join(lines) + out
     assert "checkpoint saved. Continue with --resume" in out and "Traceback" not in out

@@ -122,6 +122,18 @@ def test_every_sample_bad_stops_with_a_clear_error(tmp_path, data_root):
 # ---------------------------------------------------------------------------- failures at start and at the end
 
 
+def test_a_short_schedule_of_bad_files_only_does_not_end_as_a_success(tmp_path, data_root):
+    """Fewer steps than the stop limit, none with a sample: an error, not an untrained 'finished' model."""
+    spec = make_custom(tmp_path / "d", label_suffix="_mask")
+    recipe = custom_recipe(data_root, spec, "solver.batch_size=1", "solver.max_iters=5")
+    with pytest.raises(UserError, match="no training sample could be read in 5 steps in a row"):
+        train(recipe, run_dir=tmp_path / "run", quiet=True)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    # the directory of that run is refused with a message that does not point to --resume
+    with pytest.raises(UserError, match="saved no checkpoint: --exist-ok starts again"):
+        train(recipe, run_dir=tmp_path / "run", quiet=True)
+
+
 def test_missing_val_split_fails_before_training(tmp_path, data_root):
     spec = make_custom(tmp_path / "d", splits=("train",))
     with pytest.raises(UserError, match="unknown split 'val'"):

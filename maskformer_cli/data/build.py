@@ -40,6 +40,23 @@ def dataset_dir(info: DatasetInfo, data: DataConfig) -> Path:
     return Path(info.root) if info.root else datasets_root(data.root) / info.dirname
 
 
+def with_synthetic_on_disk(data: DataConfig) -> DataConfig:
+    """`data` with the synthetic generation parameters of the set already on disk, if there is one: for
+    weights that carry no recipe (official / HF files), evaluating on `synthetic` must use the scenes the
+    user has, not regenerate them with the defaults."""
+    from dataclasses import replace
+
+    from maskformer_cli.data.staging import stamp_entry
+
+    info = get_dataset_info(data.dataset, num_classes=data.synthetic_num_classes)
+    path = dataset_dir(info, data)
+    entry = stamp_entry(path, "synthetic") if path.exists() else None
+    params = (entry or {}).get("params") or {}
+    fields = {"num_images": "synthetic_num_images", "size": "synthetic_size", "seed": "synthetic_seed"}
+    found = {f: params[k] for k, f in fields.items() if isinstance(params.get(k), int)}
+    return replace(data, **found) if found else data
+
+
 def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
     """The prepared dataset's directory; the embedded synthetic set is generated on first use, and again
     when the recipe asks for other generation parameters than the ones on disk."""

@@ -7,7 +7,8 @@ ignore_label: 255
 thing_classes: [car, person]        # optional (names or indices); needed for panoptic
 semantic:                           # label PNGs (or 16-bit TIFF) of class indices 0..K-1 / ignore_label
   train: {images: data/img/train, labels: data/lbl/train}
-  val: {images: data/img/val, labels: data/lbl/val, label_suffix: _mask}
+  val: {images: data/img/val, labels: data/lbl/val}
+label_suffix: _mask                 # optional, every split: img/a.jpg <-> lbl/a_mask.png
 panoptic:                           # COCO panoptic JSON + PNGs (instead of, or besides, semantic)
   train: {images: data/img/train, json: data/pan_train.json, pngs: data/pan_train}
 ```

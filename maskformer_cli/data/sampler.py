@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -127,6 +128,11 @@ def seed_worker(worker_id: int, rank: int | None = None) -> None:
     here mixes in the rank (default: $RANK, set by torchrun and inherited by workers) so streams differ
     across ranks, and stays a function of the main process's RNG state, so it is reproducible.
     """
+    # A scheduler's SIGTERM often goes to the whole process group (SLURM, systemd, torchrun passing it on):
+    # the main process saves a checkpoint and shuts its workers down; a worker dying of the signal first
+    # would crash the run before it can save. (PyTorch's workers already ignore SIGINT; a worker whose
+    # parent is gone still exits, through the loader's parent watchdog.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     base = torch.initial_seed()  # base_seed + worker_id, a 64-bit integer

@@ -75,7 +75,11 @@ def run_info(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = None
     if count_flops:
-        flops = flops_of(model, torch.zeros(1, 3, h, w))
+        try:
+            flops = flops_of(model, torch.zeros(1, 3, h, w))
+        except (ValueError, RuntimeError) as e:  # e.g. GroupNorm over a single value at stride 32
+            raise UserError(f"--size {h}x{w} is too small for this model ({e}); the backbone downsamples 32x: "
+                            f"try --size 64x64 or larger") from None
 
     c = recipe.model
     title = f"{c.meta_architecture} | {c.backbone} | K={k} ({k_from})"

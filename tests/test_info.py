@@ -53,3 +53,14 @@ def test_shipped_recipes_count_at_their_crop(name, size):
     # an override where the recipe would be is an override, and the crop follows it
     recipe, overrides, got = _info_inputs(Path("data.crop_size=[320,480]"), [], None)
     assert recipe is None and got == "320x480"
+
+
+def test_a_size_too_small_for_the_model_is_a_user_error():
+    from maskformer_cli.errors import UserError
+    from maskformer_cli.summary import run_info
+
+    overrides = ["model.backbone=timm:resnet18", "model.pretrained=null", "model.conv_dim=32", "model.mask_dim=32",
+                 "model.hidden_dim=32", "model.nheads=4", "model.dim_feedforward=64", "model.dec_layers=1"]
+    with pytest.raises(UserError, match="too small for this model"):
+        run_info(None, overrides, num_classes=3, size="16x16")
+    assert run_info(None, overrides, num_classes=3, size="64x64")["flops"] > 0

@@ -19,10 +19,9 @@ from torch import nn
 from maskformer_cli import distributed as dist
 from maskformer_cli.inference import (
     crop_and_resize,
-    detr_panoptic_inference,
     general_inference,
     iterative_inference,
-    panoptic_inference,
+    panoptic_segments,
     semantic_inference,
     semantic_tta,
 )
@@ -212,6 +211,12 @@ def semantic_prediction(class_logits, mask_logits, spec: EvalSpec) -> torch.Tens
     return semantic_inference(class_logits, mask_logits).argmax(0)
 
 
+def panoptic_prediction(class_logits, mask_logits, spec: EvalSpec) -> tuple[torch.Tensor, list[dict]]:
+    """(segment ids [H, W], segments_info) from one image's outputs, by the spec's panoptic post-processing."""
+    return panoptic_segments(class_logits, mask_logits, spec.thing_ids, spec.panoptic_postprocessing,
+                             spec.object_mask_threshold, spec.overlap_threshold, spec.detr_threshold)
+
+
 class Evaluator:
     """Streams predictions into the requested metrics; exact under DDP (each rank sees a disjoint shard)."""
 
@@ -247,17 +252,7 @@ class Evaluator:
                 raise ValueError("PQ needs the class and mask logits of a mask-classification model; got per-pixel "
                                  "class scores (a per-pixel baseline, or test-time augmentation without the "
                                  "single-scale outputs)")
-            if spec.panoptic_postprocessing == "detr":
-                pred["panoptic"] = detr_panoptic_inference(
-                    pq_class_logits, pq_mask_logits, thing_ids=spec.thing_ids, threshold=spec.detr_threshold,
-                )
-            elif spec.panoptic_postprocessing == "maskformer":
-                pred["panoptic"] = panoptic_inference(
-                    pq_class_logits, pq_mask_logits, thing_ids=spec.thing_ids,
-                    object_mask_threshold=spec.object_mask_threshold, overlap_threshold=spec.overlap_threshold,
-                )
-            else:
-                raise ValueError(f"unknown panoptic post-processing {spec.panoptic_postprocessing!r}")
+            pred["panoptic"] = panoptic_prediction(pq_class_logits, pq_mask_logits, spec)
         return pred
 
     def add(self, pred: dict, meta: dict) -> None:

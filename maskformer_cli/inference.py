@@ -276,6 +276,24 @@ def detr_panoptic_inference(
     return torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device), []
 
 
+def panoptic_segments(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    thing_ids: Iterable[int],
+    postprocessing: str = "maskformer",
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+    detr_threshold: float = 0.85,
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Panoptic segments by the chosen post-processing: "maskformer" (`panoptic_inference`, the paper's) or
+    "detr" (`detr_panoptic_inference`, Table 3's "MaskFormer (DETR)"). Same contract as both."""
+    if postprocessing == "maskformer":
+        return panoptic_inference(class_logits, mask_logits, thing_ids, object_mask_threshold, overlap_threshold)
+    if postprocessing == "detr":
+        return detr_panoptic_inference(class_logits, mask_logits, thing_ids, detr_threshold)
+    raise ValueError(f"unknown panoptic post-processing {postprocessing!r}")
+
+
 def instance_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -363,12 +381,8 @@ def postprocess_batch(
             labels, assignment = general_inference(cls_i, masks, general_threshold, ignore_label)
             results.append({"labels": labels, "assignment": assignment})
         elif mode == "panoptic":
-            if panoptic_postprocessing == "detr":
-                pan, info = detr_panoptic_inference(cls_i, masks, thing_ids, detr_threshold)
-            elif panoptic_postprocessing == "maskformer":
-                pan, info = panoptic_inference(cls_i, masks, thing_ids, object_mask_threshold, overlap_threshold)
-            else:
-                raise ValueError(f"unknown panoptic post-processing {panoptic_postprocessing!r}")
+            pan, info = panoptic_segments(cls_i, masks, thing_ids, panoptic_postprocessing, object_mask_threshold,
+                                          overlap_threshold, detr_threshold)
             lut = torch.full((len(info) + 1,), ignore_label, dtype=torch.int64, device=pan.device)
             for seg in info:
                 lut[seg["id"]] = seg["category_id"]

@@ -190,8 +190,8 @@ def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, devi
 
     from maskformer_cli.data.collate import collate
     from maskformer_cli.data.transforms import build_transforms
-    from maskformer_cli.engine import infer_batch, semantic_prediction
-    from maskformer_cli.inference import detr_panoptic_inference, instance_inference, panoptic_inference
+    from maskformer_cli.engine import infer_batch, panoptic_prediction, semantic_prediction
+    from maskformer_cli.inference import instance_inference
     from maskformer_cli.train import eval_spec
 
     rc = loaded.recipe
@@ -229,13 +229,7 @@ def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, devi
                                             "category_id": dataset_ids[int(c)], "segmentation": rle})
                     ov = overlay(img, labels, colors, names, ignore_label=spec.ignore_label)
                 else:
-                    if spec.panoptic_postprocessing == "detr":
-                        pan, segments = detr_panoptic_inference(cls, masks, thing_ids=tuple(info.thing_ids),
-                                                                threshold=spec.detr_threshold)
-                    else:
-                        pan, segments = panoptic_inference(cls, masks, thing_ids=tuple(info.thing_ids),
-                                                           object_mask_threshold=spec.object_mask_threshold,
-                                                           overlap_threshold=spec.overlap_threshold)
+                    pan, segments = panoptic_prediction(cls, masks, spec)
                     pan_np = pan.cpu().numpy().astype(np.int64)
                     void = 255 if info.num_classes < 255 else 65535
                     seg_labels = np.full(pan_np.shape, void, np.int64)

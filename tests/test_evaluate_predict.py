@@ -213,7 +213,7 @@ def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_pat
 
     import maskformer_cli.engine as engine
 
-    real, calls = engine.panoptic_inference, []
+    real, calls = engine.panoptic_segments, []
 
     def flaky(*args, **kwargs):  # the accelerator runs out of memory on the second image only
         calls.append(1)
@@ -221,7 +221,7 @@ def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_pat
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "panoptic_inference", flaky)
+    monkeypatch.setattr(engine, "panoptic_segments", flaky)
     monkeypatch.setattr(engine._cpu_fallback, "warned", False)
     out = tmp_path / "eval"
     with pytest.warns(RuntimeWarning, match="continuing on the CPU"):

@@ -256,29 +256,20 @@ def _eval_saved_semantic_from_panoptic(ev, pred_dir: Path, info, base: Path, spl
     their class, void and unlisted segment ids are ignore). Predictions are matched by image file stem."""
     from PIL import Image
 
-    from maskformer_cli.data.datasets import read_panoptic_ids
+    from maskformer_cli.data.datasets import PanopticSegDataset, read_panoptic_ids
     from maskformer_cli.data.prefetch import prefetched
 
-    _, gt_json, gt_png_dir = info.panoptic[split]
+    image_dir, gt_json, gt_png_dir = info.panoptic[split]
     json_path = base / gt_json
-    try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-        images = {im["id"]: im for im in doc["images"]}
-        anns = list(doc["annotations"])[:limit]
-        dataset_ids = info.dataset_ids or sorted(c["id"] for c in doc["categories"])
-    except FileNotFoundError:
-        raise UserError(f"panoptic annotations not found: {json_path}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read panoptic annotations {json_path}: {e!r}") from None
-    if not anns:
+    # the dataset class reads and checks the JSON (images, annotations, category ids) as training does
+    gt = PanopticSegDataset(base / image_dir, json_path, base / gt_png_dir, dataset_ids=info.dataset_ids,
+                            ignore_label=info.ignore_label)
+    pairs = gt.items[:limit]
+    if not pairs:
         raise UserError(f"no ground-truth annotations in {json_path}")
-    to_contiguous = {int(d): i for i, d in enumerate(dataset_ids)}
+    to_contiguous = gt.contiguous
     items, missing = [], []
-    for ann in anns:
-        image = images.get(ann.get("image_id"))
-        if image is None:
-            raise UserError(f"{json_path}: annotation {ann.get('file_name')} names image id "
-                            f"{ann.get('image_id')!r}, which is not in 'images'")
+    for image, ann in pairs:
         pred_file = _find_prediction(pred_dir, Path(image["file_name"]).stem)  # predict: labels/<stem>.png
         if pred_file is None:
             missing.append(image["file_name"])

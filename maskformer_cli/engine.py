@@ -21,10 +21,10 @@ from maskformer_cli.inference import (
     crop_and_resize,
     general_inference,
     iterative_inference,
-    panoptic_segments,
     semantic_inference,
     semantic_tta,
 )
+from maskformer_cli.inference_panoptic import panoptic_segments
 from maskformer_cli.metrics import PanopticMetrics, PQStuffMetrics, SemanticMetrics
 from maskformer_cli.models import normalize
 from maskformer_cli.structures import MaskFormerOutput, PerPixelOutput

@@ -191,7 +191,7 @@ def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, devi
     from maskformer_cli.data.collate import collate
     from maskformer_cli.data.transforms import build_transforms
     from maskformer_cli.engine import infer_batch, panoptic_prediction, semantic_prediction
-    from maskformer_cli.inference import instance_inference
+    from maskformer_cli.inference_panoptic import instance_inference
     from maskformer_cli.train import eval_spec
 
     rc = loaded.recipe

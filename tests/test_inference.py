@@ -10,13 +10,12 @@ from maskformer_cli import inference
 from maskformer_cli.inference import (
     crop_and_resize,
     general_inference,
-    instance_inference,
     iterative_inference,
-    panoptic_inference,
     postprocess_batch,
     semantic_inference,
     semantic_tta,
 )
+from maskformer_cli.inference_panoptic import instance_inference, panoptic_inference
 
 
 def _random_outputs(q=6, k=4, h=7, w=9, seed=0):

@@ -13,12 +13,8 @@ import torch
 from maskformer_cli.config import load_recipe
 from maskformer_cli.engine import EvalSpec, Evaluator
 from maskformer_cli.errors import UserError
-from maskformer_cli.inference import (
-    crop_and_resize,
-    detr_panoptic_inference,
-    panoptic_inference,
-    postprocess_batch,
-)
+from maskformer_cli.inference import crop_and_resize, postprocess_batch
+from maskformer_cli.inference_panoptic import detr_panoptic_inference, panoptic_inference
 
 
 def _detr_reference(cls, masks, thing_ids, threshold=0.85, min_area=4, events=None):

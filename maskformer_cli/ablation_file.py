@@ -24,9 +24,9 @@ from maskformer_cli.config import (
     ConfigError,
     Recipe,
     from_dict,
-    parse_override,
     read_yaml,
     section,
+    set_overrides,
     suggest,
     to_dict,
 )
@@ -98,11 +98,7 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str 
 def apply_command_line(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A deep copy of the recipe mapping `data` with `key=value` overrides set exactly as `maskformer train`
     sets them (the value replaces the key's, a mapping included)."""
-    out = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        section(out, keys[:-1], ".".join(keys))[keys[-1]] = value
-    return out
+    return set_overrides(copy.deepcopy(data), overrides)
 
 
 def _recipe(data: dict[str, Any], where: str) -> Recipe:

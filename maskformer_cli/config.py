@@ -423,17 +423,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{where}{e}") from None
 
 
-def _with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
-                    sections: tuple[str, ...] | None = None) -> Recipe:
-    """The recipe of mapping `data` (modified in place) with `key=value` overrides set, strictly; with
-    `sections`, keys outside those sections are refused."""
+def set_overrides(data: dict[str, Any], overrides: Sequence[str], sections: tuple[str, ...] | None = None
+                  ) -> dict[str, Any]:
+    """The recipe mapping `data`, modified in place, with `key=value` overrides set (the value replaces the
+    key's, a mapping included); with `sections`, keys outside those sections are refused. The one way the
+    command line changes a recipe: train, evaluate, predict and ablate all go through here."""
     for text in overrides:
         keys, value = parse_override(text)
         if sections is not None and keys[0] not in sections:
             raise ConfigError(f"override '{text}': only {' / '.join(s + '.*' for s in sections)} keys can change "
                               f"here (the model comes from the checkpoint)")
         section(data, keys[:-1], ".".join(keys))[keys[-1]] = value
-    return from_dict(Recipe, data)
+    return data
+
+
+def _with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    sections: tuple[str, ...] | None = None) -> Recipe:
+    """The recipe of mapping `data` (modified in place) with `key=value` overrides set, strictly."""
+    return from_dict(Recipe, set_overrides(data, overrides, sections))
 
 
 def override_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...],

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from maskformer_cli.config import override_recipe
+from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TASKS = ("semantic", "panoptic", "instance")
 # What a predict run writes: replaced as a whole with --exist-ok, so no file of an earlier run survives
 # to be mistaken for this one's (e.g. an old panoptic.json beside new semantic labels).
@@ -50,7 +50,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             entries = sorted(p.iterdir())
-            out += [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+            out += [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
             subdirs = sum(1 for f in entries if f.is_dir())
             if subdirs:
                 console.print(f"[dim]{p}: {subdirs} sub-folder(s) not searched; use a glob such as "

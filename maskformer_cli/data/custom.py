@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from maskformer_cli.data.catalog import DatasetInfo, default_palette
+from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTS = (".png", ".tif", ".tiff")
 TOP_KEYS = ("name", "classes", "ignore_label", "thing_classes", "semantic", "panoptic", "label_suffix")
 SEMANTIC_KEYS = ("images", "labels", "label_suffix")
@@ -295,7 +295,7 @@ def check_custom(spec: Path) -> CheckReport:
         if not ok:
             continue
         images: dict[str, Path] = {}
-        for p in _files(img_root, IMAGE_EXTS):
+        for p in _files(img_root, IMAGE_EXTENSIONS):
             key = _key(p, img_root, strip)
             if key is None:
                 rep.problems.append(f"{p}: image name does not end with '{strip}'")

@@ -30,12 +30,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from maskformer_cli.ablate_table import Row, build_rows, render_markdown, render_rich, write_csv
 from maskformer_cli.ablation_file import TRAIN_DIR, Ablation, Variant, load_ablation
 from maskformer_cli.config import Recipe, dump_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.errors import UserError
+from maskformer_cli.yaml_strict import read_yaml_file
 
 RESULT_FILE = "result.json"
 GPUS_PER_NODE = 8  # the paper's machines: 8 V100s per node (COCO panoptic's 64 GPUs are 8 nodes)
@@ -200,8 +199,8 @@ def check_run_config(run: Run) -> None:
     if not path.is_file():
         return
     try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        saved = read_yaml_file(path) or {}
+    except UserError:
         return
     # train() saves a custom dataset spec's path made absolute: compare like with like
     mine = json.loads(json.dumps(to_dict(with_absolute_dataset_spec(run.recipe))))

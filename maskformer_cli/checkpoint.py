@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from maskformer_cli.errors import UserError
+from maskformer_cli.models.pickle_safe import load_torch_weights_only
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -127,12 +128,7 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     a weights-only load refuses (e.g. an arbitrary pickle).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zipfile/pickle/EOF/RuntimeError: the file is not a valid checkpoint
-        raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    obj = load_torch_weights_only(path, map_location=map_location, what="checkpoint")
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

@@ -1,8 +1,8 @@
 """The recipe schema: frozen dataclasses holding the paper's defaults, and a strict loader.
 
-A recipe YAML sets some fields, `key=value` overrides set more (`solver.lr=2e-4`, values parsed with
-`yaml.safe_load`, never `eval`). Loading is strict: an unknown key or a value of the wrong type raises
-one `ConfigError` naming the key (and the closest valid key), never a traceback deep in the code.
+A recipe YAML sets some fields, `key=value` overrides set more (`solver.lr=2e-4`); both are read by
+`yaml_strict` (safe, bounded alias expansion, duplicate keys refused; never `eval`). Loading is strict:
+an unknown key or a value of the wrong type raises one `ConfigError` naming the key (and the closest valid key), never a traceback deep in the code.
 Only `build_*` functions read these objects; modules take plain arguments.
 """
 
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from maskformer_cli.errors import UserError
+from maskformer_cli.yaml_strict import YAMLInputError, load_yaml, read_yaml_file
 
 
 class ConfigError(UserError, ValueError):
@@ -379,9 +380,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+        value = load_yaml(raw, source=f"override '{text}'") if raw.strip() else None
+    except YAMLInputError as e:
+        raise ConfigError(str(e)) from None
     return key.split("."), value
 
 
@@ -402,11 +403,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
+        data = read_yaml_file(p)
+    except YAMLInputError as e:
+        raise ConfigError(str(e)) from None
+    if data is None:  # an empty file is a mistake (a truncated copy?), not a request for the defaults
+        raise ConfigError(f"{p}: the recipe is empty; start from one in recipes/ (e.g. recipes/quickstart.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a recipe must be a mapping of sections (model:, data:, solver:, ...)")
     return data

@@ -28,6 +28,9 @@ from maskformer_cli.checkpoint import (
     check_compatible,
     restore_rng_state,
 )
+from maskformer_cli.checkpoint import (
+    load as load_checkpoint,
+)
 from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
@@ -251,7 +254,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
 
     start_step, best = 0, None
     if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(resume_path)
         saved_ds = ((ckpt.get("recipe") or {}).get("data") or {}).get("dataset")
         if isinstance(saved_ds, str) and os.path.abspath(saved_ds) == recipe.data.dataset:
             ckpt["recipe"]["data"]["dataset"] = recipe.data.dataset  # saved relative by an earlier version

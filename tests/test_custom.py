@@ -92,7 +92,7 @@ def test_spec_becomes_a_dataset_info_with_absolute_paths(tmp_path):
     ("classes: [a, a]\nsemantic: {train: {images: i, labels: l}}\n", "duplicate class names: a"),
     ("classes: [a]\nsemantic: {train: {images: i}}\n", "'semantic.train' lacks 'labels'"),
     ("classes: [a]\n", "needs a 'semantic' and/or 'panoptic' section"),
-    ("classes: [a\n", "invalid YAML line"),
+    ("classes: [a\n", r"spec.yaml:2:1: not valid YAML"),
 ])
 def test_spec_errors_name_the_file_and_key(tmp_path, text, message):
     spec = _spec(tmp_path, text)

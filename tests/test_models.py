@@ -8,6 +8,7 @@ import importlib.util
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -102,6 +103,39 @@ def test_resnet_weights_that_do_not_fit_name_the_keys(tmp_path):
         build_backbone("resnet50", pretrained=str(path))
     with pytest.raises(UserError, match="not found"):
         build_backbone("resnet50", pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_detectron2_converted_pkl_with_its_imagenet_classifier_loads(tmp_path, caplog):
+    """detectron2's torchvision R-50.pkl / R-103.pkl keep the classifier as stem.fc.*: dropped and reported;
+    anything else unexpected is still refused."""
+    import logging
+    import pickle
+
+    import torchvision
+
+    from maskformer_cli.models.resnet import torchvision_to_ours
+
+    tv = torchvision.models.resnet50()
+    randomize_norms(tv)
+    state = {}
+    for k, v in tv.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        new = "stem." + k if k.startswith("fc.") else torchvision_to_ours(k)  # as convert-torchvision-to-d2.py
+        state[new] = v.numpy()
+    assert {"stem.fc.weight", "stem.fc.bias"} <= set(state)
+    path = tmp_path / "R-50.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "torchvision", "matching_heuristics": True}, f)
+    with caplog.at_level(logging.INFO, logger="maskformer_cli.models.resnet"):
+        ours = build_backbone("resnet50", pretrained=str(path)).eval()
+    assert "stem.fc.bias, stem.fc.weight" in caplog.text
+    torch.testing.assert_close(ours.state_dict()["stem.conv1.weight"], tv.conv1.weight)
+    state["stem.extra.weight"] = np.zeros(3, np.float32)
+    with open(path, "wb") as f:
+        pickle.dump({"model": state}, f)
+    with pytest.raises(UserError, match=r"unexpected 1: stem\.extra\.weight"):
+        build_backbone("resnet50", pretrained=str(path))
 
 
 def test_freeze_at_freezes_stem_and_res2_and_their_batchnorms():

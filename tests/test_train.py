@@ -140,7 +140,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_root, signu
     often signal the whole process group: the data-loader workers get the SIGTERM too and must not die of it
     before the main process has saved."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("")
+    recipe.write_text("name: tiny\n")
     workers = ["data.num_workers=1"] if to_group else []
     proc = _cli("train", str(recipe), *TINY, *workers, f"data.root={data_root}", "solver.max_iters=100000",
                 "--run-dir", str(tmp_path / "run"), "--device", "cpu", start_new_session=to_group)

@@ -271,7 +271,7 @@ def test_two_ranks_skip_empty_batches_together_and_report_errors_in_one_line(tmp
     directory) is one red line from the relaunching process, not every rank's traceback."""
     spec = make_custom(tmp_path / "d", missing_label=("train1",))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("")
+    recipe.write_text("name: tiny\n")
     args = [str(recipe), *TINY, f"data.root={data_root}", f"data.dataset={spec}", "solver.batch_size=2",
             "solver.max_iters=6", "--run-dir", str(tmp_path / "run"), "--gpus", "2", "--device", "cpu"]
     r = _train_cli(*args)

@@ -52,17 +52,12 @@ def _unknown_key(spec: Path, where: str, key: str, allowed: tuple[str, ...]) -> 
 
 
 def _read_spec(spec: Path) -> dict[str, Any]:
-    import yaml
+    from maskformer_cli.yaml_strict import read_yaml_file
 
     spec = Path(spec)
     if not spec.is_file():
         raise UserError(f"{spec}: no such dataset spec file")
-    try:
-        data = yaml.safe_load(spec.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise _fail(spec, f"invalid YAML{line}: {getattr(e, 'problem', e)}") from None
+    data = read_yaml_file(spec)
     if not isinstance(data, dict):
         raise _fail(spec, "expected a mapping with name, classes, semantic/panoptic")
     for k in data:

@@ -31,7 +31,7 @@ from maskformer_cli.errors import UserError
 from maskformer_cli.models.convert_hf import hf_to_maskformer
 from maskformer_cli.models.convert_official import official_to_maskformer
 from maskformer_cli.models.infer_config import infer_model_config
-from maskformer_cli.models.pickle_safe import load_pickle_restricted
+from maskformer_cli.models.pickle_safe import load_pickle_restricted, load_torch_weights_only
 
 # ------------------------------------------------------------------------------------------- strict load
 
@@ -120,19 +120,7 @@ def _load_ours(ckpt: dict, source: str) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _read_torch_file(path: Path) -> Any:
-    """torch.load with weights_only=True; a UserError that says what is wrong (torch's own message for a
-    file with pickled code advises weights_only=False, which this tool never does with downloaded files)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        if "weights_only" in text or "Unsupported global" in text:
-            first = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
-            raise UserError(f"{path}: holds pickled Python objects besides tensors ({first or 'not weights-only'}); "
-                            f"maskformer loads torch files with weights_only=True, so that loading a file cannot "
-                            f"run code. Re-save its state dict (torch.save(model.state_dict(), ...))") from None
-        raise UserError(f"{path}: not a readable torch file, possibly truncated or corrupt "
-                        f"({e.__class__.__name__}: {text.splitlines()[0] if text else ''})") from None
+    return load_torch_weights_only(path, what="weights file")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

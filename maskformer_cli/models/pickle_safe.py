@@ -1,7 +1,10 @@
-"""Unpickling detectron2 model-zoo .pkl files without letting them run code.
+"""Reading weight files without letting them run code: the one home of every unpickling in the package.
 
-A .pkl of weights needs numpy arrays and plain containers; any other global a file asks for (os.system,
-builtins.eval, ...) is refused with a UserError naming it.
+- detectron2 model-zoo .pkl files: a .pkl of weights needs numpy arrays and plain containers; any other
+  global a file asks for (os.system, builtins.eval, ...) is refused with a UserError naming it.
+- torch files (.pt/.pth/.bin): `torch.load(weights_only=True)`, with torch's advice to retry with
+  weights_only=False (which would run the file's code) replaced by what to do instead.
+`tests/test_untrusted_files.py` scans the package for any other pickle, torch.load or yaml parsing.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import _compat_pickle
 import pickle
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from maskformer_cli.errors import UserError
 
@@ -62,3 +67,22 @@ def load_pickle_restricted(path: str | Path) -> Any:
             raise
         except Exception as e:  # truncated or not a pickle at all
             raise UserError(f"{path}: not a readable .pkl ({e.__class__.__name__}: {e})") from None
+
+
+def load_torch_weights_only(path: str | Path, map_location: Any = "cpu", what: str = "torch file") -> Any:
+    """torch.load(weights_only=True); a one-line UserError naming `path` for a missing, truncated or
+    corrupt file, or one that pickles Python objects besides tensors (whose loading could run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            first = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+            raise UserError(f"{path}: holds pickled Python objects besides tensors ({first or 'not weights-only'}); "
+                            f"maskformer loads torch files with weights_only=True, so that loading a file cannot "
+                            f"run code. Re-save its state dict (torch.save(model.state_dict(), ...))") from None
+        raise UserError(f"cannot load {what} {path}: not a readable torch file, possibly truncated or corrupt "
+                        f"({e.__class__.__name__}: {text.splitlines()[0] if text else ''})") from None

@@ -11,7 +11,7 @@ load by name; torchvision state dicts (`conv1`, `bn1`, `layer1.0.downsample.0`, 
 
 from __future__ import annotations
 
-import pickle
+import logging
 import re
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from maskformer_cli.models.backbone import (
     freeze_module,
     get_norm,
 )
+from maskformer_cli.models.pickle_safe import load_pickle_restricted, load_torch_weights_only
 
 # name -> (blocks per stage res2..res5, stem, res5 multi-grid, torchvision constructor or None)
 RESNET_SPECS: dict[str, tuple[tuple[int, ...], str, tuple[int, ...], str | None]] = {
@@ -176,6 +177,9 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+log = logging.getLogger(__name__)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a .pth/.pt (torch), .safetensors or detectron2 .pkl file, unwrapping {"model": ...}."""
     if not path.is_file():
@@ -186,10 +190,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         elif path.suffix == ".pkl":
-            with path.open("rb") as f:
-                state = pickle.load(f, encoding="latin1")
+            state = load_pickle_restricted(path)  # a .pkl from the internet must not run code
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch_weights_only(path, what="backbone weights")
+    except UserError:
+        raise
     except Exception as e:  # any unreadable file is the user's to fix
         raise UserError(f"cannot read backbone weights {path}: {e}") from None
     for wrapper in ("model", "state_dict"):
@@ -227,12 +232,24 @@ def torchvision_to_ours(key: str) -> str | None:
     return f"res{stage}.{block}.{rest}"
 
 
+# The ImageNet classifier an ImageNet checkpoint carries: torchvision's `fc.*`, which detectron2's
+# conversion script (convert-torchvision-to-d2.py) renames `stem.fc.*` in R-50.pkl / R-101.pkl / R-103.pkl.
+_CLASSIFIER = re.compile(r"^(stem\.)?fc\.(weight|bias)$")
+
+
 def load_resnet_weights(model: ResNet, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-    """Load torchvision-, detectron2- or our-format ResNet weights; a UserError lists missing/unexpected keys."""
+    """Load torchvision-, detectron2- or our-format ResNet weights; a UserError lists missing/unexpected keys.
+
+    The ImageNet classifier (`fc.*`, `stem.fc.*`) is dropped and reported at INFO level; every other key
+    must match exactly."""
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     if any(k.startswith(("layer1.", "bn1.")) for k in state):
         state = {new: v for k, v in state.items() if (new := torchvision_to_ours(k)) is not None}
     own = model.state_dict()
+    classifier = sorted(k for k in state if k not in own and _CLASSIFIER.match(k))
+    if classifier:
+        log.info("%s: ignoring the ImageNet classifier the backbone does not use: %s", source, ", ".join(classifier))
+        state = {k: v for k, v in state.items() if k not in classifier}
     # Counters are not weights; FrozenBatchNorm2d has none and BatchNorm2d restarts from 0.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in own}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

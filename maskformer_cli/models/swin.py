@@ -364,10 +364,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
         data = load_pickle_restricted(path)
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a pickle with code in it, or not a torch file at all
-            raise UserError(f"{path}: cannot read as a weights-only torch file ({e})") from None
+        from maskformer_cli.models.pickle_safe import load_torch_weights_only
+
+        data = load_torch_weights_only(path, what="Swin weights")
     return data
 
 

@@ -7,36 +7,19 @@ tests drive them the same way.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.inference import (
-    crop_and_resize,
-    general_inference,
-    iterative_inference,
-    semantic_inference,
-    semantic_tta,
-)
-from maskformer_cli.inference_panoptic import panoptic_segments
 from maskformer_cli.metrics import PanopticMetrics, PQStuffMetrics, SemanticMetrics
 from maskformer_cli.models import normalize
-from maskformer_cli.structures import MaskFormerOutput, PerPixelOutput
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision context for the forward pass ('fp32' = no autocast)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+from maskformer_cli.postprocess import PostProcessor
+from maskformer_cli.precision import autocast
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -161,104 +144,46 @@ def train_step(
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """What to compute: which metrics, which inference, with what thresholds.
-
-    metrics: subset of {"miou", "pq", "pq-stuff"}.
-    mode: semantic | general | iterative | panoptic (the inference that produces the semantic map; PQ always
-          uses panoptic inference).
-    panoptic_postprocessing: maskformer (panoptic_inference: object_mask_threshold, overlap_threshold) | detr
-          (detr_panoptic_inference: detr_threshold), the post-processing that makes PQ's segments.
-    tta: multi-scale + flip for the semantic map (mIoU, PQ-stuff); PQ stays single-scale, since averaged
-         per-pixel probabilities leave no segments to match.
-    """
-
-    metrics: tuple[str, ...]
-    mode: str = "semantic"
-    num_classes: int = 0
-    ignore_label: int = 255
-    thing_ids: tuple[int, ...] = ()
-    object_mask_threshold: float = 0.8
-    overlap_threshold: float = 0.8
-    panoptic_postprocessing: str = "maskformer"
-    detr_threshold: float = 0.85
-    general_threshold: float = 0.3
-    iterative_ratio: float = 0.3
-    tta: bool = False
-    tta_scales: tuple[float, ...] = (1.0,)
-    tta_flip: bool = False
+METRICS = ("miou", "pq", "pq-stuff")
 
 
-def _per_image_scores(outputs, image_sizes, padded_size, out_sizes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(class_logits [Q,K+1] or None, mask_logits [Q,H,W] at the original size)] per image."""
-    if isinstance(outputs, PerPixelOutput):
-        maps = crop_and_resize(outputs.sem_seg_logits, image_sizes, padded_size, out_sizes)
-        return [(None, m) for m in maps]
-    maps = crop_and_resize(outputs.pred_masks, image_sizes, padded_size, out_sizes)
-    return [(outputs.pred_logits[i], maps[i]) for i in range(len(maps))]
+def default_metrics(task: str, mask_classification: bool) -> tuple[str, ...]:
+    """What training evaluates: mIoU, and PQ on panoptic data or PQ-stuff on semantic data (PQ needs the
+    segments of a mask-classification model)."""
+    if task == "panoptic":
+        return ("miou", "pq") if mask_classification else ("miou",)
+    return ("miou", "pq-stuff")
 
 
-def semantic_prediction(class_logits, mask_logits, spec: EvalSpec) -> torch.Tensor:
-    """[H, W] int64 label map from one image's outputs, by the spec's inference mode."""
-    if class_logits is None:  # per-pixel baseline: mask_logits are class logits [K,H,W]
-        return mask_logits.argmax(0)
-    if spec.mode == "general":
-        return general_inference(class_logits, mask_logits, threshold=spec.general_threshold,
-                                 ignore_label=spec.ignore_label)[0]
-    if spec.mode == "iterative":
-        return iterative_inference(class_logits, mask_logits, ratio=spec.iterative_ratio)[0].argmax(0)
-    return semantic_inference(class_logits, mask_logits).argmax(0)
-
-
-def panoptic_prediction(class_logits, mask_logits, spec: EvalSpec) -> tuple[torch.Tensor, list[dict]]:
-    """(segment ids [H, W], segments_info) from one image's outputs, by the spec's panoptic post-processing."""
-    return panoptic_segments(class_logits, mask_logits, spec.thing_ids, spec.panoptic_postprocessing,
-                             spec.object_mask_threshold, spec.overlap_threshold, spec.detr_threshold)
+def wanted_outputs(metrics: Iterable[str]) -> tuple[str, ...]:
+    """The post-processor outputs the metrics need."""
+    metrics = set(metrics)
+    return (("sem_seg",) if metrics & {"miou", "pq-stuff"} else ()) + (("panoptic",) if "pq" in metrics else ())
 
 
 class Evaluator:
-    """Streams predictions into the requested metrics; exact under DDP (each rank sees a disjoint shard)."""
+    """Streams predictions into the requested metrics; exact under DDP (each rank sees a disjoint shard).
 
-    def __init__(self, spec: EvalSpec, class_names: Iterable[str] = ()):
-        self.spec = spec
-        names = list(class_names)
-        self.semantic = SemanticMetrics(spec.num_classes, spec.ignore_label) if "miou" in spec.metrics else None
-        self.pq_stuff = PQStuffMetrics(spec.num_classes, spec.ignore_label) if "pq-stuff" in spec.metrics else None
-        self.panoptic = (
-            PanopticMetrics(num_classes=spec.num_classes, thing_ids=spec.thing_ids) if "pq" in spec.metrics else None
-        )
-        self.class_names = names
+    metrics: subset of {"miou", "pq", "pq-stuff"}; num_classes, ignore_label, thing_ids: the dataset's."""
+
+    def __init__(self, metrics: Iterable[str], num_classes: int, ignore_label: int = 255,
+                 thing_ids: Iterable[int] = (), class_names: Iterable[str] = ()):
+        metrics = tuple(metrics)
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+        self.metrics, self.ignore_label = metrics, ignore_label
+        self.semantic = SemanticMetrics(num_classes, ignore_label) if "miou" in metrics else None
+        self.pq_stuff = PQStuffMetrics(num_classes, ignore_label) if "pq-stuff" in metrics else None
+        self.panoptic = (PanopticMetrics(num_classes=num_classes, thing_ids=tuple(thing_ids))
+                         if "pq" in metrics else None)
+        self.class_names = list(class_names)
         self.num_images = 0
 
-    def update(self, class_logits, mask_logits, meta: dict) -> dict:
-        """Add one image's outputs; returns its predictions ({'sem_seg': [H,W]}, 'panoptic' when computed)."""
-        pred = self.predict(class_logits, mask_logits)
-        self.add(pred, meta)
-        return pred
-
-    def predict(self, class_logits, mask_logits, pq_class_logits=None, pq_mask_logits=None) -> dict:
-        """The predictions the requested metrics need, from one image's outputs (no state is touched, so a
-        failed attempt can be redone elsewhere). pq_*: the single-scale (class_logits [Q,K+1],
-        mask_logits [Q,H,W]) PQ uses when the semantic scores are test-time-augmented; default: the same."""
-        spec = self.spec
-        pred: dict = {}
-        if self.semantic is not None or self.pq_stuff is not None:
-            pred["sem_seg"] = semantic_prediction(class_logits, mask_logits, spec)
-        if self.panoptic is not None:
-            if pq_mask_logits is None:
-                pq_class_logits, pq_mask_logits = class_logits, mask_logits
-            if pq_class_logits is None:
-                raise ValueError("PQ needs the class and mask logits of a mask-classification model; got per-pixel "
-                                 "class scores (a per-pixel baseline, or test-time augmentation without the "
-                                 "single-scale outputs)")
-            pred["panoptic"] = panoptic_prediction(pq_class_logits, pq_mask_logits, spec)
-        return pred
-
     def add(self, pred: dict, meta: dict) -> None:
-        """Compare one image's predictions (from `predict`) with its ground truth."""
+        """Compare one image's predictions (a `PostProcessor` result: sem_seg, panoptic) with its ground truth."""
         if "sem_seg" in pred:
-            self.update_semantic(pred["sem_seg"], load_semantic_gt(meta, self.spec.ignore_label))
+            self.update_semantic(pred["sem_seg"], load_semantic_gt(meta, self.ignore_label))
         if "panoptic" in pred:
             pan, segments = pred["panoptic"]
             self.update_panoptic(pan, segments, *load_panoptic_gt(meta))
@@ -330,111 +255,32 @@ def load_panoptic_gt(meta: dict) -> tuple[torch.Tensor, list[dict]]:
 def evaluate(
     model: nn.Module,
     loader: Iterable,
-    spec: EvalSpec,
+    metrics: Iterable[str],
+    postprocessor: PostProcessor,
     *,
     device: torch.device,
-    precision: str = "fp32",
     class_names: Iterable[str] = (),
     on_batch: Callable[[int], None] | None = None,
     on_prediction: Callable[[dict, dict], None] | None = None,
 ) -> dict:
-    """Run inference over `loader` (this rank's shard), accumulate metrics, synchronise, return them."""
+    """Run inference over `loader` (this rank's shard), accumulate metrics, synchronise, return them.
+    The post-processor's dataset facts (classes, ignore label, things) define the metrics' too."""
     was_training = model.training
     model.eval()
     net = unwrap(model)
-    evaluator = Evaluator(spec, class_names)
+    pp = postprocessor
+    evaluator = Evaluator(metrics, pp.num_classes, pp.ignore_label, pp.thing_ids, class_names)
+    want = wanted_outputs(evaluator.metrics)
     for batch in loader:
-        per_image = infer_batch(net, batch, spec, device=device, precision=precision)
-        # PQ stays single-scale under test-time augmentation (its averaged probabilities have no segments)
-        pq_image = (infer_batch(net, batch, replace(spec, tta=False), device=device, precision=precision)
-                    if spec.tta and evaluator.panoptic is not None else [(None, None)] * len(per_image))
-        for (cls, masks), (pq_cls, pq_masks), meta in zip(per_image, pq_image, batch.metas, strict=True):
-            pred = _cpu_fallback(evaluator.predict, cls, masks, pq_cls, pq_masks)
-            evaluator.add(pred, meta)
-            if on_prediction is not None:
-                on_prediction(pred, meta)
+        if batch.metas:
+            out_sizes = [(m["height"], m["width"]) for m in batch.metas]
+            preds = pp(net, batch.images.to(device), batch.image_sizes, out_sizes, want)
+            for pred, meta in zip(preds, batch.metas, strict=True):
+                evaluator.add(pred, meta)
+                if on_prediction is not None:
+                    on_prediction(pred, meta)
         if on_batch is not None:
             on_batch(len(batch.metas))
     evaluator.synchronize()
     model.train(was_training)
     return evaluator.compute()
-
-
-@torch.no_grad()
-def infer_batch(net: nn.Module, batch, spec: EvalSpec, *, device: torch.device, precision: str = "fp32"
-                ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-    """The network's outputs for each image of a padded batch, at the image's original size.
-
-    Returns per image (class_logits [Q, K+1], mask_logits [Q, H, W]) for mask classification, or
-    (None, class scores [K, H, W]) for per-pixel baselines and under test-time augmentation (log-probs),
-    H, W = meta height / width. `evaluate` and `predict` both go through here, so saved predictions equal
-    the evaluated ones.
-    """
-    images = batch.images.to(device)
-    if spec.tta:
-        return _tta_scores(net, batch, spec, device, precision)
-    out_sizes = [(m["height"], m["width"]) for m in batch.metas]
-    with autocast(device, precision):
-        outputs = net(normalize(images))
-    outputs = _to_float(outputs)
-    return _cpu_fallback(_per_image_scores, outputs, batch.image_sizes, tuple(images.shape[-2:]), out_sizes)
-
-
-OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
-
-
-def _to_cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    if isinstance(x, PerPixelOutput):
-        return PerPixelOutput(x.sem_seg_logits.cpu())
-    if isinstance(x, MaskFormerOutput):
-        return MaskFormerOutput(x.pred_logits.cpu(), x.pred_masks.cpu())
-    return x
-
-
-def _cpu_fallback(fn, *args):
-    """fn(*args); when the accelerator runs out of memory (whole-image inference of a 1024x2048 Cityscapes
-    image upsamples Q masks to full size), free its cache and redo this step with the tensors on the CPU,
-    slower but complete, instead of losing the evaluation."""
-    try:
-        return fn(*args)
-    except OOM_ERRORS:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if not _cpu_fallback.warned:
-            _cpu_fallback.warned = True
-            warnings.warn("out of accelerator memory in post-processing: continuing on the CPU for those "
-                          "images (slower)", RuntimeWarning, stacklevel=2)
-        return fn(*(_to_cpu(a) for a in args))
-
-
-_cpu_fallback.warned = False
-
-
-def _to_float(outputs):
-    if isinstance(outputs, PerPixelOutput):
-        return PerPixelOutput(outputs.sem_seg_logits.float())
-    return MaskFormerOutput(outputs.pred_logits.float(), outputs.pred_masks.float())
-
-
-def _tta_scores(net, batch, spec: EvalSpec, device, precision):
-    """Multi-scale + flip: averaged class probabilities; returned as (None, log-probs [K,H,W]) per image."""
-    results = []
-    for i, meta in enumerate(batch.metas):
-        h, w = batch.image_sizes[i]
-        image = batch.images[i, :, :h, :w].to(device)
-
-        def forward_fn(images: torch.Tensor) -> list[torch.Tensor]:
-            with autocast(device, precision):
-                outputs = _to_float(net(normalize(images)))
-            size = tuple(images.shape[-2:])
-            maps = _per_image_scores(outputs, [size] * images.shape[0], size, [size] * images.shape[0])
-            if maps[0][0] is None:
-                return [m.softmax(0) for _, m in maps]
-            return [semantic_inference(c, m) for c, m in maps]
-
-        probs = semantic_tta(forward_fn, image, scales=spec.tta_scales, flip=spec.tta_flip,
-                             output_size=(meta["height"], meta["width"]))
-        results.append((None, probs))
-    return results

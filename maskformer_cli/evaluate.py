@@ -14,6 +14,8 @@ import torch
 from maskformer_cli import distributed as dist
 from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
+from maskformer_cli.postprocess import channels_last_default
+from maskformer_cli.precision import PRECISIONS
 from maskformer_cli.reporting import (
     console,
     metrics_table,
@@ -57,7 +59,7 @@ def default_out(checkpoint: Path | None, split: str) -> Path:
 def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, metric: str, inference: str | None,
                  tta: bool, predictions: Path | None, out: Path | None, per_class: bool, batch_size: int,
                  limit: int | None, device: str, query_stats: bool = False,
-                 overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                 overrides: list[str] | tuple[str, ...] = (), precision: str = "fp32") -> dict[str, Any]:
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     if limit is not None and limit < 1:
@@ -66,6 +68,8 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         raise UserError("key=value overrides change how a checkpoint is evaluated: give a checkpoint")
     if query_stats and checkpoint is None:
         raise UserError("--query-stats needs a checkpoint (it runs the model's queries over the split)")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
     if predictions is not None:
@@ -84,7 +88,8 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         try:
             metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
                                                  inference=inference, tta=tta, batch_size=batch_size,
-                                                 limit=limit, device=dinfo.device, overrides=overrides)
+                                                 limit=limit, device=dinfo.device, overrides=overrides,
+                                                 precision=precision)
         finally:
             dist.cleanup()
         if not dinfo.is_main:
@@ -108,11 +113,11 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
 
 
 def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device,
-                         overrides=()):
+                         overrides=(), precision: str = "fp32"):
     from maskformer_cli.data.build import build_eval_loader, dataset_info
     from maskformer_cli.engine import evaluate
     from maskformer_cli.models.flops import count_flops
-    from maskformer_cli.train import eval_spec
+    from maskformer_cli.postprocess import build_postprocessor
     from maskformer_cli.weights import load_for_inference
 
     loaded = load_for_inference(checkpoint, device, dataset=dataset)
@@ -130,8 +135,9 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     recipe = replace(recipe, data=replace(recipe.data, task=task))
     metrics_wanted = _metrics_for(metric, task, mask_cls, tta=tta)
     # --tta forces TTA on; without it the recipe decides (inference.tta=true, or a recipe trained with it)
-    spec = eval_spec(recipe, info, metrics=metrics_wanted, mode=inference, tta=True if tta else None)
-    if spec.tta and "pq" in metrics_wanted and dist.is_main():
+    pp = build_postprocessor(recipe.inference, info, mode=inference, tta=True if tta else None,
+                             precision=precision, channels_last=channels_last_default(device))
+    if pp.tta and "pq" in metrics_wanted and dist.is_main():
         console.print("[yellow]note:[/] test-time augmentation applies to mIoU and PQ-stuff; PQ is single-scale "
                       "(as the paper reports it)", highlight=False)
     if inference == "panoptic" and "pq" not in metrics_wanted:
@@ -142,8 +148,7 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     t0 = time.perf_counter()
     with progress_bar("evaluate", total, enabled=dist.is_main()) as bar:
         task_id = bar.add_task("evaluate", total=total)
-        metrics = evaluate(loaded.model, loader, spec, device=device, precision="fp32",
-                           class_names=info.classes, on_batch=lambda n: bar.advance(task_id, n * dist.get_world_size()))
+        metrics = evaluate(loaded.model, loader, metrics_wanted, pp, device=device, class_names=info.classes, on_batch=lambda n: bar.advance(task_id, n * dist.get_world_size()))
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in loaded.model.parameters())
     h = w = recipe.data.test_short_side or recipe.data.crop_size[0]
@@ -151,8 +156,8 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
     metrics.update({"images_per_s": metrics["num_images"] / max(seconds, 1e-9), "params_M": params / 1e6,
                     "gflops": flops / 1e9})
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256, "dataset": info.name,
-            "split": split, "inference": spec.mode, "tta": spec.tta, "metrics": list(metrics_wanted),
-            "tta_metrics": [m for m in metrics_wanted if m != "pq"] if spec.tta else [],
+            "split": split, "inference": pp.mode, "tta": pp.tta, "precision": precision,
+            "metrics": list(metrics_wanted), "tta_metrics": [m for m in metrics_wanted if m != "pq"] if pp.tta else [],
             "recipe": json.loads(json.dumps(_plain(recipe)))}
     return metrics, meta
 
@@ -176,7 +181,7 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     class with the semantic (IoU, Acc, *_stuff) and panoptic (PQ, SQ, RQ, TP, FP, FN) columns side by side.
     """
     from maskformer_cli.data.catalog import datasets_root, get_dataset_info
-    from maskformer_cli.engine import EvalSpec, Evaluator
+    from maskformer_cli.engine import Evaluator
 
     if metric != "all" and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
@@ -199,8 +204,8 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     if sem_wanted and not has_sem_gt:
         splits = ", ".join(sorted(set(info.sem_seg) | set(info.panoptic))) or "none"
         raise UserError(f"dataset '{dataset}' has no semantic split '{split}' (has {splits})")
-    ev = Evaluator(EvalSpec(metrics=(("pq",) if with_pq else ()) + sem_wanted, num_classes=info.num_classes,
-                            ignore_label=info.ignore_label, thing_ids=tuple(info.thing_ids)), info.classes)
+    ev = Evaluator((("pq",) if with_pq else ()) + sem_wanted, info.num_classes, info.ignore_label,
+                   info.thing_ids, info.classes)
     counts = []
     if with_pq:
         counts.append(_eval_saved_panoptic(ev, pred_dir, pan_json, info, base, split, limit))

@@ -1,74 +1,21 @@
-"""Mask-classification inference: probability-mask pairs -> semantic predictions, and the batch / TTA plumbing.
+"""Mask-classification inference: probability-mask pairs -> semantic predictions (the written-out forms).
 
 Paper Sec. 3.4 (general and semantic inference), appendix Table VII (general inference with a confidence
-filter), draft Table 5 (iterative inference). All functions are pure tensor functions on one image, except
-`crop_and_resize` and `postprocess_batch`, which take a padded batch (batched == one image at a time), and
-`semantic_tta` (multi-scale + flip test-time augmentation, paper Sec. 4.1). Panoptic and instance outputs
-(MaskFormer's and DETR's post-processing) are in inference_panoptic.py.
+filter), draft Table 5 (iterative inference), and `semantic_tta` (multi-scale + flip test-time
+augmentation, paper Sec. 4.1). Pure tensor functions on one image whose masks are already at the output
+size. `postprocess.PostProcessor` runs them at full resolution without [Q, H, W] tensors
+(`inference_tiled`); these forms are its specification, and the tests compare the two. Panoptic and
+instance outputs are in inference_panoptic.py.
 
-Shapes: Q queries, K classes (index K of the class logits is "no object"), h, w = stride-4 size of the
-padded input, (Hp, Wp) = padded input size, (H, W) = output size.
+Shapes: Q queries, K classes (index K of the class logits is "no object"), (H, W) = output size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from maskformer_cli.inference_panoptic import instance_inference, panoptic_segments
-
-# Elements of one upsampled chunk (64 MiB in float32): bounds the temporaries of crop_and_resize.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def crop_and_resize(
-    mask_logits: torch.Tensor,
-    image_sizes: Sequence[tuple[int, int]],
-    padded_size: tuple[int, int],
-    output_sizes: Sequence[tuple[int, int]],
-    *,
-    chunk_elements: int = _CHUNK_ELEMENTS,
-) -> list[torch.Tensor]:
-    """Bring stride-4 maps back to each image's original size, in the reference order.
-
-    mask_logits:  [B, C, h, w] (C = Q mask logits, or K class scores).
-    image_sizes:  per image (h_i, w_i), the valid region inside the padded input (top-left aligned).
-    padded_size:  (Hp, Wp), the padded input size the batch was run at.
-    output_sizes: per image (H_i, W_i), the size to return (the original image size).
-    Returns a list of B tensors [C, H_i, W_i].
-
-    Upsample to the padded input (bilinear, align_corners=False), crop the padding, resize to the output
-    size: cropping before resizing keeps the padding from being stretched into the image (resizing the
-    padded map would squeeze the image content and smear the padding's logits over the border). Channels
-    are processed in chunks of at most `chunk_elements` upsampled values, so a 1024x2048 output with
-    Q=100 needs no [Q, Hp, Wp] temporary beyond the result itself.
-    """
-    b, c = mask_logits.shape[:2]
-    if len(image_sizes) != b or len(output_sizes) != b:
-        raise ValueError(
-            f"got {b} images but {len(image_sizes)} image_sizes, {len(output_sizes)} output_sizes"
-        )
-    hp, wp = (int(s) for s in padded_size)
-    chunk = max(1, chunk_elements // max(1, hp * wp))
-    results = []
-    for i in range(b):
-        hi, wi = (int(s) for s in image_sizes[i])
-        ho, wo = (int(s) for s in output_sizes[i])
-        if not (0 < hi <= hp and 0 < wi <= wp):
-            raise ValueError(f"image size {(hi, wi)} does not fit the padded size {(hp, wp)}")
-        out = mask_logits.new_empty((c, ho, wo))
-        for c0 in range(0, c, chunk):
-            x = mask_logits[i : i + 1, c0 : c0 + chunk]
-            x = F.interpolate(x, size=(hp, wp), mode="bilinear", align_corners=False)
-            x = x[..., :hi, :wi]
-            if (hi, wi) != (ho, wo):
-                x = F.interpolate(x, size=(ho, wo), mode="bilinear", align_corners=False)
-            out[c0 : c0 + chunk] = x[0]
-        results.append(out)
-    return results
 
 
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -90,7 +37,7 @@ def _sum_over_queries(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def general_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
-    threshold: float = 0.0,
+    threshold: float,
     ignore_label: int = 255,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General inference for semantic output (paper Sec. 3.4; appendix Table VII uses threshold 0.3).
@@ -118,7 +65,7 @@ def general_inference(
 def iterative_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
-    ratio: float = 0.3,
+    ratio: float,
     max_iters: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterative semantic inference (draft paper, Table 5).
@@ -153,94 +100,6 @@ def iterative_inference(
         keep = keep & ~drop
 
 
-def postprocess_batch(
-    class_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
-    image_sizes: Sequence[tuple[int, int]],
-    padded_size: tuple[int, int],
-    output_sizes: Sequence[tuple[int, int]],
-    *,
-    mode: str = "semantic",
-    thing_ids: Iterable[int] = (),
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
-    panoptic_postprocessing: str = "maskformer",
-    detr_threshold: float = 0.85,
-    general_threshold: float = 0.3,
-    iterative_ratio: float = 0.3,
-    ignore_label: int = 255,
-    resize_before_inference: bool = False,
-) -> list[dict[str, Any]]:
-    """Run one inference strategy on a padded batch; returns one dict per image at its output size.
-
-    class_logits: [B, Q, K+1]; mask_logits: [B, Q, h, w] (stride 4 of the padded input).
-    mode: "semantic" | "iterative" -> {"sem_seg": [K, H, W] scores, "labels": [H, W] int64};
-          "general" -> {"labels": [H, W] int64 (ignore_label where nothing is kept), "assignment": [H, W]};
-          "panoptic" -> {"panoptic_seg": [H, W] int32, "segments_info": [...], "labels": [H, W] int64
-          (semantic view of the panoptic result, ignore_label on void)}, by `panoptic_inference` or, with
-          panoptic_postprocessing="detr", `detr_panoptic_inference` (threshold detr_threshold);
-          "instance" -> {"instances": [(mask, class, score), ...]}.
-    For "semantic"/"iterative" the reference runs inference at the padded input size and then crops and
-    resizes the [K, ...] scores (resize_before_inference=False, memory-friendly); True resizes the masks
-    first, as every other mode does.
-    """
-    results = []
-    thing_ids = tuple(thing_ids)
-    for i in range(class_logits.shape[0]):
-        cls_i = class_logits[i]
-        if mode in ("semantic", "iterative") and not resize_before_inference:
-            # Inference at the padded size, then crop + resize of the class scores.
-            if mode == "semantic":
-                sem = _semantic_inference_upsampled(cls_i, mask_logits[i], padded_size)
-            else:
-                (up,) = crop_and_resize(mask_logits[i : i + 1], [padded_size], padded_size, [padded_size])
-                sem = iterative_inference(cls_i, up, ratio=iterative_ratio)[0]
-            (sem,) = crop_and_resize(sem[None], [image_sizes[i]], padded_size, [output_sizes[i]])
-            results.append({"sem_seg": sem, "labels": sem.argmax(0)})
-            continue
-        (masks,) = crop_and_resize(mask_logits[i : i + 1], [image_sizes[i]], padded_size, [output_sizes[i]])
-        if mode == "semantic":
-            sem = semantic_inference(cls_i, masks)
-            results.append({"sem_seg": sem, "labels": sem.argmax(0)})
-        elif mode == "iterative":
-            sem = iterative_inference(cls_i, masks, ratio=iterative_ratio)[0]
-            results.append({"sem_seg": sem, "labels": sem.argmax(0)})
-        elif mode == "general":
-            labels, assignment = general_inference(cls_i, masks, general_threshold, ignore_label)
-            results.append({"labels": labels, "assignment": assignment})
-        elif mode == "panoptic":
-            pan, info = panoptic_segments(cls_i, masks, thing_ids, panoptic_postprocessing, object_mask_threshold,
-                                          overlap_threshold, detr_threshold)
-            lut = torch.full((len(info) + 1,), ignore_label, dtype=torch.int64, device=pan.device)
-            for seg in info:
-                lut[seg["id"]] = seg["category_id"]
-            results.append({"panoptic_seg": pan, "segments_info": info, "labels": lut[pan.long()]})
-        elif mode == "instance":
-            results.append({"instances": instance_inference(cls_i, masks, thing_ids or None)})
-        else:
-            raise ValueError(f"unknown inference mode {mode!r}")
-    return results
-
-
-def _semantic_inference_upsampled(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """semantic_inference(class_logits, upsample(mask_logits, size)) -> [K, *size], accumulated over query
-    chunks so that no [Q, *size] tensor exists (equal to the one-product result up to float rounding)."""
-    probs = F.softmax(class_logits, dim=-1)[:, :-1]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, size[0] * size[1]))
-    out = None
-    for q0 in range(0, probs.shape[0], chunk):
-        up = F.interpolate(
-            mask_logits[None, q0 : q0 + chunk], size=size, mode="bilinear", align_corners=False
-        )
-        part = _sum_over_queries(probs[q0 : q0 + chunk], up[0].sigmoid())
-        out = part if out is None else out.add_(part)
-    if out is None:
-        return mask_logits.new_zeros((probs.shape[1], *size))
-    return out
-
-
 def semantic_tta(
     forward_fn: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
     image: torch.Tensor,
@@ -251,7 +110,7 @@ def semantic_tta(
     """Multi-scale (+ horizontal flip) test-time augmentation for semantic scores (paper Sec. 4.1).
 
     forward_fn: images [B, 3, h, w] -> B per-image scores [K, h, w] at the input size (a tensor
-                [B, K, h, w] or a list), e.g. model + semantic inference + crop_and_resize.
+                [B, K, h, w] or a list), e.g. model + semantic inference at the input size.
     image:      [3, H, W] float (an integer image is converted to float32 first).
     output_size: (H_o, W_o) of the result, e.g. the original image size when `image` is the resized test
                 input (default (H, W)).
@@ -284,28 +143,3 @@ def semantic_tta(
     if total is None:
         raise ValueError("semantic_tta needs at least one scale")
     return total / count
-
-
-def build_postprocessor(cfg: Any, thing_ids: Iterable[int] = (), ignore_label: int = 255):
-    """A `postprocess_batch` bound to an `InferenceConfig` (mode and thresholds) and a dataset's facts."""
-    thing_ids = tuple(thing_ids)
-
-    def run(class_logits, mask_logits, image_sizes, padded_size, output_sizes, mode: str | None = None):
-        return postprocess_batch(
-            class_logits,
-            mask_logits,
-            image_sizes,
-            padded_size,
-            output_sizes,
-            mode=mode or cfg.mode,
-            thing_ids=thing_ids,
-            object_mask_threshold=cfg.object_mask_threshold,
-            overlap_threshold=cfg.overlap_threshold,
-            panoptic_postprocessing=cfg.panoptic_postprocessing,
-            detr_threshold=cfg.detr_threshold,
-            general_threshold=cfg.general_threshold,
-            iterative_ratio=cfg.iterative_ratio,
-            ignore_label=ignore_label,
-        )
-
-    return run

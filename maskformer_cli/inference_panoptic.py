@@ -1,6 +1,7 @@
 """Panoptic and instance outputs from probability-mask pairs: MaskFormer's panoptic inference (paper Sec. 3.4
-and 4.2), DETR's panoptic post-processing (Table 3, "MaskFormer (DETR)"), the dispatch between them, and
-instance predictions. Pure tensor functions on one image.
+and 4.2), DETR's panoptic post-processing (Table 3, "MaskFormer (DETR)") and instance predictions. Pure
+tensor functions on one image; `postprocess.PostProcessor` chooses between them and feeds them full-
+resolution masks band by band (`panoptic_segments_from_assignment` is the part after the per-pixel argmax).
 
 Shapes: Q queries, K classes (index K of the class logits is "no object"), (H, W) = output size.
 """
@@ -18,8 +19,8 @@ def panoptic_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
     thing_ids: Iterable[int],
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
+    object_mask_threshold: float,
+    overlap_threshold: float,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """General inference for panoptic output, exactly as the reference MaskFormer `panoptic_inference`.
 
@@ -42,14 +43,33 @@ def panoptic_inference(
     if n == 0:
         return panoptic_seg, []
     cur_mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    binary_area = (cur_masks >= 0.5).flatten(1).sum(1)
+    return panoptic_segments_from_assignment(cur_mask_ids, binary_area, cur_scores, cur_classes, thing_ids,
+                                             overlap_threshold)
+
+
+def panoptic_segments_from_assignment(
+    assignment: torch.Tensor,
+    binary_area: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    thing_ids: Iterable[int],
+    overlap_threshold: float,
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The second half of `panoptic_inference`, given the per-pixel winner of the N kept queries.
+
+    assignment: [H, W] int64 in 0..N-1 (argmax_i score_i * m_i); binary_area: [N] pixels with m_i >= 0.5;
+    scores, classes: [N] of the kept queries. Same return contract as `panoptic_inference`.
+    """
+    n = scores.shape[0]
     # Every pixel belongs to exactly one kept query, so one bincount gives all assigned areas.
-    mask_areas = torch.bincount(cur_mask_ids.flatten(), minlength=n).tolist()
-    original_areas = (cur_masks >= 0.5).flatten(1).sum(1).tolist()
+    mask_areas = torch.bincount(assignment.flatten(), minlength=n).tolist()
+    original_areas = binary_area.tolist()
     things = {int(t) for t in thing_ids}
     segment_of_query = [0] * n
     segments_info: list[dict[str, Any]] = []
     stuff_segment: dict[int, int] = {}
-    for k, (cls, score) in enumerate(zip(cur_classes.tolist(), cur_scores.tolist(), strict=True)):
+    for k, (cls, score) in enumerate(zip(classes.tolist(), scores.tolist(), strict=True)):
         mask_area, original_area = mask_areas[k], original_areas[k]
         if mask_area == 0 or original_area == 0:
             continue
@@ -65,9 +85,9 @@ def panoptic_inference(
         segment_of_query[k] = segment_id
         segments_info.append({"id": segment_id, "category_id": cls, "isthing": isthing, "score": score})
     if not segments_info:
-        return panoptic_seg, []
-    lut = torch.tensor(segment_of_query, dtype=torch.int32, device=mask_logits.device)
-    panoptic_seg = lut[cur_mask_ids]
+        return torch.zeros(assignment.shape, dtype=torch.int32, device=assignment.device), []
+    lut = torch.tensor(segment_of_query, dtype=torch.int32, device=assignment.device)
+    panoptic_seg = lut[assignment]
     areas = torch.bincount(panoptic_seg.flatten().long(), minlength=len(segments_info) + 1).tolist()
     for info in segments_info:
         info["area"] = areas[info["id"]]
@@ -78,7 +98,7 @@ def detr_panoptic_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
     thing_ids: Iterable[int],
-    threshold: float = 0.85,
+    threshold: float,
     min_area: int = 4,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """DETR's panoptic post-processing (Carion et al. 2020), the "MaskFormer (DETR)" row of Table 3.
@@ -138,24 +158,6 @@ def detr_panoptic_inference(
             return (segment_map + 1).to(torch.int32), segments_info
         alive = remaining
     return torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device), []
-
-
-def panoptic_segments(
-    class_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
-    thing_ids: Iterable[int],
-    postprocessing: str = "maskformer",
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
-    detr_threshold: float = 0.85,
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Panoptic segments by the chosen post-processing: "maskformer" (`panoptic_inference`, the paper's) or
-    "detr" (`detr_panoptic_inference`, Table 3's "MaskFormer (DETR)"). Same contract as both."""
-    if postprocessing == "maskformer":
-        return panoptic_inference(class_logits, mask_logits, thing_ids, object_mask_threshold, overlap_threshold)
-    if postprocessing == "detr":
-        return detr_panoptic_inference(class_logits, mask_logits, thing_ids, detr_threshold)
-    raise ValueError(f"unknown panoptic post-processing {postprocessing!r}")
 
 
 def instance_inference(

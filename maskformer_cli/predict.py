@@ -2,18 +2,20 @@
 
 Outputs under --out, named by the image's file stem (inputs that share a stem get their path relative to
 the inputs' common folder, `a/x.jpg` -> `a__x`; manifest.json maps every input to its name):
-  overlays/<name>.png     image blended with the prediction, legend of the classes present
+  overlays/<name>.png     image blended with the prediction, legend of the classes present (--no-overlays
+                          skips them: they cost about as much as writing the label maps)
   labels/<name>.png       semantic label map (uint8, uint16 when K > 255), contiguous class ids 0..K-1, from
                           semantic inference for every --task (what `evaluate` scores for mIoU)
   panoptic/<name>.png     (panoptic) COCO panoptic PNG, id = R + 256 G + 256^2 B; panoptic.json alongside
-  instances.json          (instance / panoptic) COCO results with RLE masks and scores
-  semantic_rle.json       (semantic) one COCO RLE per class present per image
+  instances.json          (instance; panoptic with --rle) COCO results with RLE masks and scores
+  semantic_rle.json       (semantic with --rle) one COCO RLE per class present per image
   manifest.json           per-image status, sizes and milliseconds; unreadable inputs listed as skipped
 The JSON files use the dataset's category ids (COCO: 1..200; without a dataset 1..K), as COCO tools
 expect; the label PNGs use the contiguous ids 0..K-1 that training and `evaluate --predictions` use.
 
 Images go through the same test-time resize, padding, network call and post-processing as `evaluate`
-(`engine.infer_batch`), so `predict` + `evaluate --predictions` gives the numbers of `evaluate CKPT`.
+(`postprocess.PostProcessor`), so `predict` + `evaluate --predictions` gives the numbers of `evaluate CKPT`.
+Decoding, inference and writing overlap (read-ahead threads, one writer thread).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch
 from maskformer_cli.config import override_recipe
 from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
+from maskformer_cli.precision import PRECISIONS
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries
 
 TASKS = ("semantic", "panoptic", "instance")
@@ -113,7 +115,7 @@ def prepare_out(out: Path, exist_ok: bool) -> None:
 class ImageFiles(torch.utils.data.Dataset):
     """Image files as evaluation samples: the test-time resize of `transform`, an empty target, and the
     original RGB in meta["rgb"] for the overlays. Unreadable files give None (collate drops them) and are
-    recorded in `skipped` (read in the main process: num_workers=0)."""
+    recorded in `skipped` (read by threads of this process, so the list is shared)."""
 
     def __init__(self, files: list[Path], transform) -> None:
         self.files, self.transform = files, transform
@@ -130,7 +132,7 @@ class ImageFiles(torch.utils.data.Dataset):
             rgb = read_image(path)
         except Exception as e:  # unreadable inputs are listed and skipped; the rest complete
             msg = str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"
-            self.skipped.append({"file": str(path), "error": msg})
+            self.skipped.append({"file": str(path), "error": msg, "index": index})
             return None
         h, w = rgb.shape[:2]
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
@@ -140,7 +142,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, dataset: str | None, device: str,
-                overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False, batch_size: int = 1) -> None:
+                overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False, batch_size: int = 1,
+                precision: str = "fp32", overlays: bool = True, rle: bool = False) -> None:
     from maskformer_cli.distributed import resolve_device
     from maskformer_cli.weights import load_for_inference
 
@@ -148,6 +151,8 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
         raise UserError(f"--task {task!r}: choose semantic, panoptic or instance")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     files = collect_inputs(inputs)
     prepare_out(out, exist_ok)  # before the model loads: a wrong --out fails in a second, not a minute
     dev = resolve_device(device)
@@ -170,7 +175,8 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
     if task != "semantic" and not info.thing_ids:
         console.print("[yellow]no thing classes known for these weights: every class is treated as stuff "
                       "(one segment per class); pass --dataset with a panoptic dataset for instances[/]")
-    result = predict_files(loaded, info, files, task=task, out=out, device=dev, batch_size=batch_size)
+    result = predict_files(loaded, info, files, task=task, out=out, device=dev, batch_size=batch_size,
+                           precision=precision, overlays=overlays, rle=rle)
     n_ok = len(result["images"])
     console.print(f"predicted {n_ok}/{len(files)} images -> {out}")
     if result["skipped"]:
@@ -184,92 +190,150 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
 
 @torch.no_grad()
 def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, device: torch.device,
-                  batch_size: int = 1) -> dict:
-    from pycocotools import mask as mask_utils
-    from torch.utils.data import DataLoader
+                  batch_size: int = 1, precision: str = "fp32", overlays: bool = True, rle: bool = False) -> dict:
+    """Segment `files` and write the outputs (module docstring). Three stages overlap: threads decode and
+    resize the next images, the main thread runs the network and the post-processor, one writer thread
+    encodes PNGs and overlays (PNG encoding and PIL drawing release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from maskformer_cli.data.collate import collate
+    from maskformer_cli.data.prefetch import default_workers, prefetched
     from maskformer_cli.data.transforms import build_transforms
-    from maskformer_cli.engine import infer_batch, panoptic_prediction, semantic_prediction
-    from maskformer_cli.inference_panoptic import instance_inference
-    from maskformer_cli.train import eval_spec
+    from maskformer_cli.postprocess import build_postprocessor, channels_last_default
 
     rc = loaded.recipe
-    spec = eval_spec(rc, info, metrics=())
-    colors = [info.color(i) for i in range(info.num_classes)]
-    names = list(info.classes)
-    dataset_ids = list(info.dataset_ids) if info.dataset_ids else list(range(1, info.num_classes + 1))
-    for sub in ("overlays", "labels") + (("panoptic",) if task == "panoptic" else ()):
-        (out / sub).mkdir(exist_ok=True)
+    pp = build_postprocessor(rc.inference, info, precision=precision, channels_last=channels_last_default(device))
+    want = ("sem_seg",) + (("panoptic",) if task == "panoptic" else ()) + (
+        ("instances",) if task == "instance" or (task == "panoptic" and rle) else ())
+    writer = _Writer(out, info, task, overlays=overlays, rle=rle)
     stems = output_names(files)
     ds = ImageFiles(files, build_transforms(rc.data, train=False))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=0,
-                        collate_fn=partial(collate, size_divisibility=rc.data.size_divisibility, ignore_label=0))
-    manifest, pan_anns, rle_results = [], [], []
+    samples = prefetched(ds.__getitem__, range(len(files)), workers=min(4, default_workers()))
     net = loaded.model
-    with progress_bar("predict", len(files)) as bar:
+    with progress_bar("predict", len(files), unit="img") as bar, ThreadPoolExecutor(1, "predict-writer") as pool:
         tid = bar.add_task("predict", total=len(files))
-        for batch in loader:
+        pending = []
+        for chunk in _chunks(samples, batch_size):
+            batch = collate(chunk, size_divisibility=rc.data.size_divisibility, ignore_label=0)
             t0 = time.perf_counter()
-            per_image = infer_batch(net, batch, spec, device=device) if batch.metas else []
-            for (cls, masks), meta in zip(per_image, batch.metas, strict=True):
-                image_id, path, img = meta["index"], files[meta["index"]], meta["rgb"]
-                stem = stems[image_id]
-                H, W = img.shape[:2]
-                record = {"file": str(path), "output": f"{stem}.png", "status": "ok", "height": H, "width": W}
-                if task == "semantic":
-                    labels = semantic_prediction(cls, masks, spec).cpu().numpy()
-                    _save_label_png(labels, info.num_classes, out / "labels" / f"{stem}.png")
-                    for c in np.unique(labels):
-                        if c >= info.num_classes:  # general inference leaves low-confidence pixels unlabelled
-                            continue
-                        rle = mask_utils.encode(np.asfortranarray((labels == c).astype(np.uint8)))
-                        rle["counts"] = rle["counts"].decode("ascii")
-                        rle_results.append({"image_id": image_id, "file_name": path.name,
-                                            "category_id": dataset_ids[int(c)], "segmentation": rle})
-                    ov = overlay(img, labels, colors, names, ignore_label=spec.ignore_label)
-                else:
-                    pan, segments = panoptic_prediction(cls, masks, spec)
-                    pan_np = pan.cpu().numpy().astype(np.int64)
-                    void = 255 if info.num_classes < 255 else 65535
-                    seg_labels = np.full(pan_np.shape, void, np.int64)
-                    for s in segments:
-                        seg_labels[pan_np == s["id"]] = s["category_id"]
-                    # labels/ is the semantic output (the paper's semantic inference, what `evaluate` scores
-                    # for mIoU / PQ-stuff); the panoptic segments are in panoptic/ and panoptic.json
-                    labels = semantic_prediction(cls, masks, spec).cpu().numpy()
-                    _save_label_png(labels, info.num_classes, out / "labels" / f"{stem}.png")
-                    if task == "panoptic":
-                        from PIL import Image
-
-                        rgb = np.stack([pan_np % 256, pan_np // 256 % 256, pan_np // 65536], -1).astype(np.uint8)
-                        Image.fromarray(rgb).save(out / "panoptic" / f"{stem}.png")
-                        pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
-                            {"id": int(s["id"]), "category_id": dataset_ids[int(s["category_id"])],
-                             "isthing": bool(s.get("isthing", False)), "score": float(s.get("score", 1.0)),
-                             "area": int(s.get("area", (pan_np == s["id"]).sum()))} for s in segments]})
-                    for m, c, score in instance_inference(cls, masks, thing_ids=tuple(info.thing_ids)):
-                        rle = mask_utils.encode(np.asfortranarray(m.cpu().numpy().astype(np.uint8)))
-                        rle["counts"] = rle["counts"].decode("ascii")
-                        rle_results.append({"image_id": image_id, "file_name": path.name,
-                                            "category_id": dataset_ids[int(c)], "segmentation": rle,
-                                            "score": float(score)})
-                    ov = overlay(img, seg_labels, colors, names, ignore_label=void,
-                                 boundaries=segment_boundaries(pan_np))
-                ov.save(out / "overlays" / f"{stem}.png")
-                manifest.append(record)
-            for record in manifest[len(manifest) - len(batch.metas):]:  # the batch's time, shared
-                record["ms"] = round(1000 * (time.perf_counter() - t0) / len(batch.metas), 1)
+            preds = []
+            if batch.metas:
+                out_sizes = [(m["height"], m["width"]) for m in batch.metas]
+                preds = pp(net, batch.images.to(device), batch.image_sizes, out_sizes, want)
+            ms = round(1000 * (time.perf_counter() - t0) / max(1, len(batch.metas)), 1)
+            for pred, meta in zip(preds, batch.metas, strict=True):
+                pred = {k: _to_cpu(v) for k, v in pred.items()}
+                pending.append(pool.submit(writer.write, pred, meta, files[meta["index"]], stems[meta["index"]], ms))
             bar.advance(tid, len(batch.metas) + batch.num_skipped)
-    if task == "panoptic":
-        cats = [{"id": dataset_ids[i], "name": n, "isthing": int(i in set(info.thing_ids)),
-                 "color": list(colors[i])} for i, n in enumerate(names)]
-        (out / "panoptic.json").write_text(json.dumps({"annotations": pan_anns, "categories": cats}))
-    (out / ("semantic_rle.json" if task == "semantic" else "instances.json")).write_text(json.dumps(rle_results))
-    result = {"weights": str(loaded.sha256), "task": task, "classes": names, "images": manifest,
-              "skipped": ds.skipped}
-    (out / "manifest.json").write_text(json.dumps(result, indent=1))
-    return result
+            while pending and pending[0].done():
+                pending.pop(0).result()  # a failed write surfaces here, not at the end
+        for f in pending:
+            f.result()
+    return writer.finish(loaded.sha256, ds.skipped)
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    if isinstance(value, list):
+        return [tuple(_to_cpu(x) for x in v) if isinstance(v, tuple) else v for v in value]
+    return value
+
+
+class _Writer:
+    """Writes one image's outputs (called from the writer thread, one image at a time, in order)."""
+
+    def __init__(self, out: Path, info, task: str, *, overlays: bool, rle: bool) -> None:
+        self.out, self.info, self.task, self.overlays, self.rle = out, info, task, overlays, rle
+        self.colors = [info.color(i) for i in range(info.num_classes)]
+        self.names = list(info.classes)
+        self.dataset_ids = list(info.dataset_ids) if info.dataset_ids else list(range(1, info.num_classes + 1))
+        self.manifest: list[dict] = []
+        self.pan_anns: list[dict] = []
+        self.rle_results: list[dict] = []
+        for sub in ("labels",) + (("overlays",) if overlays else ()) + (("panoptic",) if task == "panoptic" else ()):
+            (out / sub).mkdir(exist_ok=True)
+
+    def write(self, pred: dict, meta: dict, path: Path, stem: str, ms: float) -> None:
+        from PIL import Image
+
+        image_id, img = meta["index"], meta["rgb"]
+        h, w = img.shape[:2]
+        labels = pred["sem_seg"].numpy()
+        _save_label_png(labels, self.info.num_classes, self.out / "labels" / f"{stem}.png")
+        ov = None
+        if "panoptic" in pred:
+            pan, segments = pred["panoptic"]
+            pan_np = pan.numpy().astype(np.int64)
+            rgb = np.stack([pan_np % 256, pan_np // 256 % 256, pan_np // 65536], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(self.out / "panoptic" / f"{stem}.png")
+            self.pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
+                {"id": int(s["id"]), "category_id": self.dataset_ids[int(s["category_id"])],
+                 "isthing": bool(s.get("isthing", False)), "score": float(s.get("score", 1.0)),
+                 "area": int(s["area"])} for s in segments]})
+            if self.overlays:
+                void = 255 if self.info.num_classes < 255 else 65535
+                lut = np.full(len(segments) + 1, void, np.int64)
+                for s in segments:
+                    lut[s["id"]] = s["category_id"]
+                ov = overlay(img, lut[pan_np], self.colors, self.names, ignore_label=void,
+                             boundaries=segment_boundaries(pan_np))
+        elif self.overlays:
+            ov = overlay(img, labels, self.colors, self.names, ignore_label=self.info.ignore_label)
+        if ov is not None:
+            ov.save(self.out / "overlays" / f"{stem}.png")
+        if self.rle and self.task == "semantic":
+            self._semantic_rle(labels, image_id, path)
+        for m, c, score in pred.get("instances", []):
+            self.rle_results.append({"image_id": image_id, "file_name": path.name,
+                                     "category_id": self.dataset_ids[int(c)], "segmentation": _rle(m.numpy()),
+                                     "score": float(score)})
+        self.manifest.append({"file": str(path), "output": f"{stem}.png", "status": "ok", "height": h, "width": w,
+                              "ms": ms})
+
+    def _semantic_rle(self, labels: np.ndarray, image_id: int, path: Path) -> None:
+        for c in np.unique(labels):
+            if c >= self.info.num_classes:  # general inference leaves low-confidence pixels unlabelled
+                continue
+            self.rle_results.append({"image_id": image_id, "file_name": path.name,
+                                     "category_id": self.dataset_ids[int(c)], "segmentation": _rle(labels == c)})
+
+    def finish(self, sha256: str, skipped: list[dict]) -> dict:
+        if self.task == "panoptic":
+            things = set(self.info.thing_ids)
+            cats = [{"id": self.dataset_ids[i], "name": n, "isthing": int(i in things), "color": list(self.colors[i])}
+                    for i, n in enumerate(self.names)]
+            (self.out / "panoptic.json").write_text(json.dumps({"annotations": self.pan_anns, "categories": cats}))
+        if self.task == "instance" or (self.rle and self.task == "panoptic"):
+            (self.out / "instances.json").write_text(json.dumps(self.rle_results))
+        elif self.rle:
+            (self.out / "semantic_rle.json").write_text(json.dumps(self.rle_results))
+        skipped = [{"file": s["file"], "error": s["error"]} for s in sorted(skipped, key=lambda s: s["index"])]
+        result = {"weights": str(sha256), "task": self.task, "classes": self.names, "images": self.manifest,
+                  "skipped": skipped}
+        (self.out / "manifest.json").write_text(json.dumps(result, indent=1))
+        return result
+
+
+def _rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
 
 
 def _save_label_png(labels: np.ndarray, num_classes: int, path: Path) -> None:

@@ -138,7 +138,7 @@ def analyze_checkpoint(checkpoint: Path, *, out: Path, split: str = "val", devic
     from maskformer_cli import distributed as dist
     from maskformer_cli.data.build import build_eval_loader, dataset_info
     from maskformer_cli.errors import UserError
-    from maskformer_cli.models import normalize
+    from maskformer_cli.postprocess import build_postprocessor, channels_last_default
     from maskformer_cli.reporting import console as default_console
     from maskformer_cli.weights import load_for_inference
 
@@ -150,10 +150,11 @@ def analyze_checkpoint(checkpoint: Path, *, out: Path, split: str = "val", devic
     info = dataset_info(loaded.recipe.data)
     loader = build_eval_loader(loaded.recipe.data, info, split=split, limit=limit, num_workers=0)
     model = loaded.model.eval()
+    pp = build_postprocessor(loaded.recipe.inference, info, channels_last=channels_last_default(dev))
 
     def outputs():
         for batch in loader:
-            yield model(normalize(batch.images.to(dev)))
+            yield pp.forward(model, batch.images.to(dev))
 
     stats = query_category_stats(outputs(), score_threshold=score_threshold, min_mask_area=min_mask_area)
     report = stats.to_dict(info.classes)

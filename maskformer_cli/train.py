@@ -34,10 +34,11 @@ from maskformer_cli.checkpoint import (
 from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
-from maskformer_cli.engine import EvalSpec, evaluate, train_step, unwrap
+from maskformer_cli.engine import default_metrics, evaluate, train_step, unwrap
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
+from maskformer_cli.postprocess import build_postprocessor
 from maskformer_cli.reporting import Logger, console, metrics_table, plot_curves, save_prediction_overlay
 from maskformer_cli.run_dir import env_json, prepare_run_dir
 
@@ -129,26 +130,6 @@ def threading_main() -> bool:
 
 def primary_metric(task: str) -> str:
     return "PQ" if task == "panoptic" else "mIoU"
-
-
-def eval_spec(recipe: Recipe, info, metrics: tuple[str, ...] | None = None, mode: str | None = None,
-              tta: bool | None = None) -> EvalSpec:
-    inf = recipe.inference
-    if metrics is None:
-        metrics = ("miou", "pq") if recipe.data.task == "panoptic" else ("miou", "pq-stuff")
-        if recipe.model.meta_architecture != "maskformer":
-            metrics = tuple(m for m in metrics if m != "pq")
-    mode = mode or inf.mode
-    if mode == "panoptic":
-        mode = "semantic"  # the semantic map comes from semantic inference; PQ from panoptic inference
-    return EvalSpec(
-        metrics=metrics, mode=mode, num_classes=info.num_classes, ignore_label=info.ignore_label,
-        thing_ids=tuple(info.thing_ids), object_mask_threshold=inf.object_mask_threshold,
-        overlap_threshold=inf.overlap_threshold, panoptic_postprocessing=inf.panoptic_postprocessing,
-        detr_threshold=inf.detr_threshold, general_threshold=inf.general_threshold,
-        iterative_ratio=inf.iterative_ratio, tta=inf.tta if tta is None else tta, tta_scales=inf.tta_scales,
-        tta_flip=inf.tta_flip,
-    )
 
 
 def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
@@ -301,7 +282,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                                 start_position=start_step * per_rank * s.grad_accum, dataset=train_set)
     task = recipe.data.task
     metric_name = primary_metric(task)
-    spec = eval_spec(recipe, info)
+    eval_metrics = default_metrics(task, recipe.model.meta_architecture == "maskformer")
+    postprocessor = build_postprocessor(recipe.inference, info, precision=s.precision)
     colors = [info.color(i) for i in range(info.num_classes)]
 
     def run_eval(step: int, num_overlays: int = 0) -> dict[str, Any]:
@@ -315,7 +297,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                                         run_dir / "vis" / f"{Path(meta['file_name']).stem}.png", info.ignore_label)
 
         t0 = time.perf_counter()
-        metrics = evaluate(ddp_model, eval_loader, spec, device=device, precision=s.precision,
+        metrics = evaluate(ddp_model, eval_loader, eval_metrics, postprocessor, device=device,
                            class_names=info.classes, on_prediction=draw)
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if main:
@@ -475,4 +457,4 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                        stop_signal=stop_signal)
 
 
-__all__ = ["run_train", "train", "TrainResult", "eval_spec", "unwrap"]
+__all__ = ["run_train", "train", "TrainResult", "unwrap"]

@@ -52,17 +52,20 @@ def test_tta_with_metric_pq_is_a_clear_error(trained, tmp_path):
         invoke(["evaluate", trained["ckpt"], "--tta", "--metric", "pq", "--out", tmp_path / "e"], trained["root"])
 
 
-def test_engine_refuses_pq_from_semantic_scores_with_a_true_message():
+def test_post_processor_refuses_pq_from_per_pixel_scores_with_a_true_message():
     import torch
 
-    from maskformer_cli.engine import EvalSpec, Evaluator
+    from maskformer_cli.postprocess import PostProcessor
+    from maskformer_cli.structures import PerPixelOutput
 
-    ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=3, thing_ids=(2,)))
-    with pytest.raises(ValueError, match="class and mask logits"):
-        ev.predict(None, torch.zeros(3, 4, 4))
-    # given single-scale outputs beside the augmented scores, PQ uses them
-    cls, masks = torch.zeros(2, 4), torch.zeros(2, 4, 4)
-    assert "panoptic" in ev.predict(None, torch.zeros(3, 4, 4), cls, masks)
+    pp = PostProcessor(num_classes=3, ignore_label=255, thing_ids=(2,), mode="semantic", object_mask_threshold=0.8,
+                       overlap_threshold=0.8, panoptic_postprocessing="maskformer", detr_threshold=0.85,
+                       general_threshold=0.3, iterative_ratio=0.3, tta=False, tta_scales=(1.0,), tta_flip=False)
+    outputs = PerPixelOutput(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="need a mask-classification model"):
+        pp.postprocess(outputs, [(16, 16)], (16, 16), [(16, 16)], want=("panoptic",))
+    (res,) = pp.postprocess(outputs, [(16, 16)], (16, 16), [(16, 16)], want=("sem_seg",))
+    assert res["sem_seg"].shape == (16, 16)
 
 
 def test_all_on_saved_panoptic_predictions_gives_pq_and_semantic_metrics(trained, tmp_path):

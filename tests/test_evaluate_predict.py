@@ -87,7 +87,7 @@ def test_predict_semantic_then_evaluate_saved_predictions(trained, tmp_path):
         (images / f.name).write_bytes(f.read_bytes())
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "pred"
-    invoke(["predict", images, "--weights", trained["ckpt"], "--out", out], trained["root"])
+    invoke(["predict", images, "--weights", trained["ckpt"], "--out", out, "--rle"], trained["root"])
     stems = sorted(f.stem for f in trained["val_images"].iterdir())
     assert sorted(f.stem for f in (out / "labels").glob("*.png")) == stems
     assert sorted(f.stem for f in (out / "overlays").glob("*.png")) == stems
@@ -109,7 +109,7 @@ def test_predict_semantic_then_evaluate_saved_predictions(trained, tmp_path):
 def test_predict_panoptic_then_pq_from_saved_predictions(trained, tmp_path):
     out = tmp_path / "pred"
     invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic",
-            "--out", out], trained["root"])
+            "--out", out, "--rle"], trained["root"])
     pan = json.loads((out / "panoptic.json").read_text())
     assert len(pan["annotations"]) == 4 and len(pan["categories"]) == 12
     for ann in pan["annotations"]:
@@ -211,9 +211,9 @@ def test_evaluate_under_torchrun_equals_one_process(trained, tmp_path):
 def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_path, monkeypatch):
     import torch
 
-    import maskformer_cli.engine as engine
+    import maskformer_cli.postprocess as postprocess
 
-    real, calls = engine.panoptic_segments, []
+    real, calls = postprocess.PostProcessor.panoptic, []
 
     def flaky(*args, **kwargs):  # the accelerator runs out of memory on the second image only
         calls.append(1)
@@ -221,8 +221,8 @@ def test_out_of_memory_in_post_processing_falls_back_to_the_cpu(trained, tmp_pat
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "panoptic_segments", flaky)
-    monkeypatch.setattr(engine._cpu_fallback, "warned", False)
+    monkeypatch.setattr(postprocess.PostProcessor, "panoptic", flaky)
+    monkeypatch.setattr(postprocess._with_cpu_fallback, "warned", False)
     out = tmp_path / "eval"
     with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
         invoke(["evaluate", trained["ckpt"], "--out", out, "--metric", "all"], trained["root"])
@@ -293,7 +293,7 @@ def test_predict_refuses_to_mix_with_an_earlier_run(trained, tmp_path):
            trained["root"])
     # the panoptic run's files are gone (evaluate --predictions would have read them), the user's file is not
     assert not (out / "panoptic.json").exists() and not (out / "panoptic").exists()
-    assert (out / "semantic_rle.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert (out / "labels").is_dir() and (out / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not a directory"):
         invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--out", out / "notes.txt"],
                trained["root"])

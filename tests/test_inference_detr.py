@@ -1,20 +1,20 @@
 """DETR's panoptic post-processing ("MaskFormer (DETR)", paper Table 3) against a brute-force reference
 written here with plain python loops over pixels, hand-made cases, and its threading through the config,
-the evaluator and `postprocess_batch`."""
+the post-processor (`PostProcessor.postprocess`)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maskformer_cli.config import load_recipe
-from maskformer_cli.engine import EvalSpec, Evaluator
 from maskformer_cli.errors import UserError
-from maskformer_cli.inference import crop_and_resize, postprocess_batch
 from maskformer_cli.inference_panoptic import detr_panoptic_inference, panoptic_inference
+from maskformer_cli.postprocess import PostProcessor
+from maskformer_cli.structures import MaskFormerOutput
 
 
 def _detr_reference(cls, masks, thing_ids, threshold=0.85, min_area=4, events=None):
@@ -174,7 +174,7 @@ def test_detr_no_kept_query_is_all_void_and_threshold_is_strict():
     # every kept segment too small, round after round: all void
     seg, info = detr_panoptic_inference(cls, masks, (0,), threshold=p * (1 - 1e-4), min_area=36)
     assert info == [] and (seg == 0).all()
-    seg, info = detr_panoptic_inference(cls[:0], masks[:0], (0,))
+    seg, info = detr_panoptic_inference(cls[:0], masks[:0], (0,), threshold=0.85)
     assert info == [] and seg.shape == (6, 6) and (seg == 0).all()
 
 
@@ -192,18 +192,22 @@ def test_detr_panoptic_postprocessing_through_config_evaluator_and_batch():
     detr = detr_panoptic_inference(cls, masks, things, threshold=0.5)
     ours = panoptic_inference(cls, masks, things, 0.5, 0.5)
     assert not torch.equal(detr[0], ours[0])  # the two post-processings differ on this input
-    spec = EvalSpec(metrics=("pq",), num_classes=4, thing_ids=things, object_mask_threshold=0.5,
-                    overlap_threshold=0.5, detr_threshold=0.5)
+    base = dict(num_classes=4, ignore_label=255, thing_ids=things, mode="semantic", object_mask_threshold=0.5,
+                overlap_threshold=0.5, detr_threshold=0.5, general_threshold=0.3, iterative_ratio=0.3, tta=False,
+                tta_scales=(1.0,), tta_flip=False)
     for name, expected in (("detr", detr), ("maskformer", ours)):
-        pan, info = Evaluator(replace(spec, panoptic_postprocessing=name)).predict(cls, masks)["panoptic"]
+        pp = PostProcessor(panoptic_postprocessing=name, **base)
+        (res,) = pp.postprocess(MaskFormerOutput(cls[None], masks[None]), [(12, 12)], (12, 12), [(12, 12)],
+                                want=("panoptic",))
+        pan, info = res["panoptic"]
         assert torch.equal(pan, expected[0]) and info == expected[1]
-
-    (res,) = postprocess_batch(cls[None], masks[None, :, :6, :6], [(20, 24)], (24, 24), [(30, 36)],
-                               mode="panoptic", thing_ids=things, panoptic_postprocessing="detr",
-                               detr_threshold=0.5)
-    (up,) = crop_and_resize(masks[None, :, :6, :6], [(20, 24)], (24, 24), [(30, 36)])
+    # the production path at another size: crop of the padding and resize, then DETR's post-processing
+    pp = PostProcessor(panoptic_postprocessing="detr", **{**base, "detr_threshold": 0.5})
+    (res,) = pp.postprocess(MaskFormerOutput(cls[None], masks[None, :, :6, :6]), [(20, 24)], (24, 24), [(30, 36)],
+                            want=("panoptic",))
+    up = F.interpolate(masks[None, :, :6, :6], size=(24, 24), mode="bilinear", align_corners=False)[..., :20, :24]
+    up = F.interpolate(up, size=(30, 36), mode="bilinear", align_corners=False)[0]
     pan, info = detr_panoptic_inference(cls, up, things, threshold=0.5)
-    assert torch.equal(res["panoptic_seg"], pan) and res["segments_info"] == info
+    assert torch.equal(res["panoptic"][0], pan) and res["panoptic"][1] == info
     with pytest.raises(ValueError, match="post-processing"):
-        postprocess_batch(cls[None], masks[None], [(12, 12)], (12, 12), [(12, 12)], mode="panoptic",
-                          panoptic_postprocessing="box")
+        PostProcessor(panoptic_postprocessing="box", **base)

@@ -545,9 +545,9 @@ def test_pq_only_per_class_rows_carry_class_names():
     """`evaluate --metric pq --per-class` names classes, as `--metric all` does (rows keyed by id, not class)."""
     import torch
 
-    from maskformer_cli.engine import EvalSpec, Evaluator
+    from maskformer_cli.engine import Evaluator
 
-    ev = Evaluator(EvalSpec(metrics=("pq",), num_classes=2, thing_ids=(1,)), ["sky", "car"])
+    ev = Evaluator(("pq",), num_classes=2, thing_ids=(1,), class_names=["sky", "car"])
     ids = torch.tensor([[1, 1], [2, 2]])
     segs = [{"id": 1, "category_id": 0}, {"id": 2, "category_id": 1}]
     ev.update_panoptic(ids, segs, ids, segs)

@@ -183,8 +183,8 @@ dist.cleanup()
 def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
     """2 ranks on gloo: parameters identical across ranks, eval metrics equal a single-process evaluation."""
     from maskformer_cli.data.build import build_eval_loader, dataset_info
-    from maskformer_cli.engine import evaluate
-    from maskformer_cli.train import eval_spec
+    from maskformer_cli.engine import default_metrics, evaluate
+    from maskformer_cli.postprocess import build_postprocessor
     from maskformer_cli.weights import load_for_inference
 
     overrides = [*TINY, f"data.root={data_root}", "solver.max_iters=2", "solver.eval_every=2",
@@ -216,7 +216,8 @@ def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
         torch.set_num_threads(1)
         try:
             single = evaluate(loaded.model, build_eval_loader(recipe.data, info, num_workers=0),
-                              eval_spec(recipe, info), device=torch.device("cpu"))
+                              default_metrics(recipe.data.task, recipe.model.meta_architecture == "maskformer"),
+                              build_postprocessor(recipe.inference, info), device=torch.device("cpu"))
         finally:
             torch.set_num_threads(threads)
         for key, value in report[name]["metrics"].items():

@@ -84,12 +84,19 @@ def info(
                                  show_default=False)
     ] = None,
     flops: Annotated[bool, typer.Option(help="Count FLOPs (multiply-adds, one forward).")] = True,
+    fps: Annotated[bool, typer.Option(
+        help="Also measure images/s (network + semantic inference to the label map, batch 1, random weights) "
+             "at the recipe's test size (data.test_short_side, square), or --fps-size.")] = False,
+    fps_size: Annotated[str | None, typer.Option(help="HxW for --fps.", show_default=False)] = None,
+    precision: InferPrecision = "fp32",
+    device: Annotated[str, typer.Option(help="Device for --fps: 'cpu', 'cuda', 'cuda:N' or 'auto'.")] = "cpu",
 ) -> None:
     """Build the model of a recipe (no pretrained weights: nothing is downloaded) and print its summary:
-    parameters per module and FLOPs."""
+    parameters per module, FLOPs and, with --fps, images per second (the paper's params / FLOPs / fps)."""
     run_info = _command("summary", "run_info", "info", "issue #2")
     recipe, overrides, size = _info_inputs(recipe, overrides or [], size)
-    run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops)
+    run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops, fps=fps, fps_size=fps_size,
+             device=device, precision=precision)
 
 
 def _info_inputs(recipe: Path | None, overrides: list[str], size: str | None) -> tuple[Path | None, list[str], str]:

@@ -44,10 +44,16 @@ def run_info(
     num_classes: int | None = None,
     size: str = "512x512",
     count_flops: bool = True,
+    fps: bool = False,
+    fps_size: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Print a table of the recipe's model (parameters per module, total, FLOPs at `size`); return the numbers.
+    """Print a table of the recipe's model (parameters per module, total, FLOPs at `size`, and with `fps`
+    images per second at `fps_size`); return the numbers.
 
-    Returns {"num_classes", "params": {module: count}, "total_params", "flops" (multiply-adds or None), "size"}.
+    Returns {"num_classes", "params": {module: count}, "total_params", "flops" (multiply-adds or None), "size",
+    "fps" (images/s or None)}.
     """
     import torch
     from rich.console import Console
@@ -81,6 +87,15 @@ def run_info(
             raise UserError(f"--size {h}x{w} is too small for this model ({e}); the backbone downsamples 32x: "
                             f"try --size 64x64 or larger") from None
 
+    measured_fps = None
+    if fps:
+        from maskformer_cli.precision import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        fh, fw = parse_size(fps_size) if fps_size else (recipe.data.test_short_side or h,) * 2
+        measured_fps = images_per_second(model, recipe, k, (fh, fw), device=device, precision=precision)
+
     c = recipe.model
     title = f"{c.meta_architecture} | {c.backbone} | K={k} ({k_from})"
     table = Table(title=title)
@@ -96,4 +111,48 @@ def run_info(
     if flops is not None:
         table.caption = f"FLOPs: {flops / 1e9:.1f} G (multiply-adds, fvcore's convention) for one {h}x{w} image"
     Console().print(table)
-    return {"num_classes": k, "params": params, "total_params": total, "flops": flops, "size": (h, w)}
+    if measured_fps is not None:
+        rate, (fh, fw), dev = measured_fps
+        Console().print(f"fps: {rate:.2f} images/s ({fh}x{fw}, batch 1, {dev}, {precision}; network + semantic "
+                        f"inference to the label map, random weights)", highlight=False)
+    return {"num_classes": k, "params": params, "total_params": total, "flops": flops, "size": (h, w),
+            "fps": None if measured_fps is None else measured_fps[0]}
+
+
+def images_per_second(model: Any, recipe: Any, num_classes: int, size: tuple[int, int], *, device: str = "cpu",
+                      precision: str = "fp32", seconds: float = 5.0, max_images: int = 20
+                      ) -> tuple[float, tuple[int, int], str]:
+    """Images per second of image -> label map (the network, then the recipe's semantic inference through
+    the post-processor that `predict` uses), batch 1, after one warm-up image. Times at most `max_images`
+    images or about `seconds`; returns (images/s, size, device name)."""
+    import time
+
+    import torch
+
+    from maskformer_cli.distributed import resolve_device
+    from maskformer_cli.postprocess import build_postprocessor, channels_last_default
+
+    dev = resolve_device(device)
+
+    class _Info:  # the post-processor needs the dataset's facts; a semantic map needs only K
+        ignore_label, thing_ids = 255, ()
+
+    info = _Info()
+    info.num_classes = num_classes
+    pp = build_postprocessor(recipe.inference, info, mode="semantic", tta=False, precision=precision,
+                             channels_last=channels_last_default(dev))
+    model = model.to(dev).eval()
+    image = torch.randint(0, 256, (1, 3, *size), generator=torch.Generator().manual_seed(0)).float().to(dev)
+
+    def one() -> None:
+        pp(model, image, [size], [size])[0]["sem_seg"].cpu()
+
+    try:
+        one()
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--fps at {size[0]}x{size[1]}: the model cannot run at this size ({e})") from None
+    n, t0 = 0, time.perf_counter()
+    while n < max_images and (n < 3 or time.perf_counter() - t0 < seconds):
+        one()
+        n += 1
+    return n / (time.perf_counter() - t0), size, str(dev)

@@ -29,3 +29,12 @@ def test_bench_train_step_runs():
     pytest.importorskip("transformers")
     out = _run("bench_train_step.py", "--size", "64", "--steps", "1", "--device", "cpu", "--precision", "bf16")
     assert out.count("speed-up") == 2 and "matcher share" in out
+
+
+@pytest.mark.slow
+def test_bench_inference_runs_both_modes():
+    pytest.importorskip("transformers")
+    out = _run("bench_inference.py", "--size", "64", "--rounds", "1", "--device", "cpu")
+    assert out.count("image -> labels ") == 2 and "pixel agreement" in out and "labels identical: True" in out
+    out = _run("bench_inference.py", "--mode", "predict", "--images", "2", "--rounds", "1", "--device", "cpu")
+    assert "transformers loop" in out and "maskformer predict --no-overlays" in out

@@ -64,3 +64,26 @@ def test_a_size_too_small_for_the_model_is_a_user_error():
     with pytest.raises(UserError, match="too small for this model"):
         run_info(None, overrides, num_classes=3, size="16x16")
     assert run_info(None, overrides, num_classes=3, size="64x64")["flops"] > 0
+
+
+def test_fps_times_the_label_map_path_at_the_test_size(tmp_path, monkeypatch):
+    """--fps runs the post-processor that predict uses (network + semantic inference), at data.test_short_side."""
+    import maskformer_cli.postprocess as postprocess
+
+    calls = []
+    real = postprocess.PostProcessor.__call__
+
+    def spy(self, net, images, image_sizes, output_sizes, want=("sem_seg",)):
+        calls.append((tuple(images.shape[-2:]), self.precision))
+        return real(self, net, images, image_sizes, output_sizes, want)
+
+    monkeypatch.setattr(postprocess.PostProcessor, "__call__", spy)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": TINY_MODEL, "data": {"crop_size": [64, 96], "test_short_side": 64}}))
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["info", str(recipe), "--fps", "--no-flops",
+                                                       "--precision", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert "images/s (64x64, batch 1, cpu, bf16" in " ".join(r.output.split())
+    assert len(calls) >= 4 and set(calls) == {((64, 64), "bf16")}  # one warm-up, then at least 3 timed
+    r = CliRunner().invoke(app, ["info", str(recipe), "--fps", "--no-flops", "--precision", "fp8"])
+    assert r.exit_code == 1 and "choose one of fp32, bf16, fp16" in str(r.exception)

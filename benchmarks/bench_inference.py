@@ -12,11 +12,15 @@ Mode `image` (default) reports, for fp32 and bf16:
 and the ratio transformers / ours; for bf16 also the pixel agreement of our bf16 labels with our fp32
 ones (on a random model, whose maps are near-constant, this says little: see the README for a trained one).
 
+Mode `agreement --checkpoint CKPT`: pixel agreement of our bf16 labels with our fp32 labels on a trained
+model over its validation split (--images of them), and the time of each.
+
 Mode `predict`: `maskformer predict` over a folder of --images JPEGs (512x683) against a plain transformers
 loop doing the same work (read, infer, write the label PNG).
 
     python benchmarks/bench_inference.py [--backbone r50|swin_tiny] [--size 512] [--rounds 5]
-                                         [--device cpu|cuda] [--mode image|predict] [--images 16]
+                                         [--device cpu|cuda] [--mode image|predict|agreement]
+                                         [--images 16] [--checkpoint CKPT]
 """
 
 from __future__ import annotations
@@ -200,17 +204,50 @@ def predict_mode(args, device: torch.device) -> None:
             print(f"  {name:34s} {per:6.3f} s/image   x{base / per:.2f}")
 
 
+def agreement_mode(args, device: torch.device) -> None:
+    """Pixel agreement of bf16 with fp32 labels of a trained checkpoint over its validation split."""
+    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.postprocess import build_postprocessor, channels_last_default
+    from maskformer_cli.weights import load_for_inference
+
+    loaded = load_for_inference(Path(args.checkpoint), device, dataset=args.dataset)
+    info = dataset_info(loaded.recipe.data)
+    loader = build_eval_loader(loaded.recipe.data, info, num_workers=0, limit=args.images)
+    pps = {p: build_postprocessor(loaded.recipe.inference, info, precision=p,
+                                  channels_last=channels_last_default(device)) for p in ("fp32", "bf16")}
+    same = total = 0
+    times: dict[str, list[float]] = {p: [] for p in pps}
+    for batch in loader:
+        sizes = [(m["height"], m["width"]) for m in batch.metas]
+        labels = {}
+        for p, pp in pps.items():
+            sync(device)
+            t = time.perf_counter()
+            labels[p] = pp(loaded.model, batch.images.to(device), batch.image_sizes, sizes)
+            sync(device)
+            times[p].append(time.perf_counter() - t)
+        for a, b in zip(labels["fp32"], labels["bf16"], strict=True):
+            same += int((a["sem_seg"] == b["sem_seg"]).sum())
+            total += a["sem_seg"].numel()
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    print(f"{args.checkpoint}: {len(times['fp32'])} images of {info.name}; bf16 labels agree with fp32 on "
+          f"{100 * same / max(total, 1):.3f}% of {total} pixels; median s/image fp32 {fp32:.3f}, bf16 {bf16:.3f} "
+          f"(x{fp32 / bf16:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", choices=["r50", "swin_tiny"], default="r50")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--mode", choices=["image", "predict"], default="image")
+    ap.add_argument("--mode", choices=["image", "predict", "agreement"], default="image")
+    ap.add_argument("--checkpoint", help="agreement mode: a trained checkpoint (its recipe's validation split)")
+    ap.add_argument("--dataset", help="agreement mode: the dataset, if the checkpoint does not record it")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    (image_mode if args.mode == "image" else predict_mode)(args, device)
+    {"image": image_mode, "predict": predict_mode, "agreement": agreement_mode}[args.mode](args, device)
 
 
 if __name__ == "__main__":

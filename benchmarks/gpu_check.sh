@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue #4 in one pass, for a machine with a GPU (about 6-8 minutes on one H100/H200):
 #   the gpu-marked tests (training at fp32/bf16/fp16, `train --gpus N` under torchrun with NCCL, the fused
-#   mask loss, CUDA RNG capture), then the train-step benchmark against transformers (fp32 and bf16) and the
-#   fused-vs-plain mask-loss benchmark at COCO-like size. Logs go to $OUT (default ./gpu_check).
+#   mask loss, CUDA RNG capture), then the train-step benchmark against transformers (fp32 and bf16), the
+#   inference benchmark against transformers (R50 and Swin-T, fp32 and bf16: forward, post-processing, image ->
+#   labels) and the fused-vs-plain mask-loss benchmark at COCO-like size. Logs go to $OUT (default ./gpu_check).
 # Run from the repository root with the project importable (`pip install -e ".[test]"`, or PYTHONPATH=. where
 # the dependencies are already installed). Exit status: non-zero if any step failed.
 set -uo pipefail
@@ -18,6 +19,10 @@ timeout 300 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py test
 for precision in fp32 bf16; do
     timeout 240 "$py" benchmarks/bench_train_step.py --device cuda --steps 10 --precision "$precision" 2>&1 \
         | grep -v "Writing model shards" | tee "$out/bench_train_step_$precision.txt" || rc=1
+done
+for backbone in r50 swin_tiny; do
+    timeout 180 "$py" benchmarks/bench_inference.py --device cuda --rounds 10 --backbone "$backbone" 2>&1 \
+        | grep -v "Writing model shards" | tee "$out/bench_inference_$backbone.txt" || rc=1
 done
 timeout 120 "$py" benchmarks/bench_mask_loss.py --device cuda --size 1024 --masks 50 2>&1 \
     | tee "$out/bench_mask_loss.txt" || rc=1

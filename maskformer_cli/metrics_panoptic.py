@@ -83,7 +83,10 @@ def pq_image_stats(
             crowd_row[c] = i
     crowd_row = crowd_row.to(inter.device)
     row = crowd_row[pred_classes]
-    on_crowd = torch.where(row >= 0, pair[row.clamp(min=0), torch.arange(p, device=inter.device)], 0)
+    if g:
+        on_crowd = torch.where(row >= 0, pair[row.clamp(min=0), torch.arange(p, device=inter.device)], 0)
+    else:  # no ground-truth segment (all void / ignore): no crowd either; predictions off void are FPs
+        on_crowd = torch.zeros(p, dtype=pair.dtype, device=inter.device)
     ignored = (pred_void + on_crowd).double() / pred_area.clamp(min=1).double() > 0.5
     false_pos = ~pred_matched & ~ignored
     stats[2].index_add_(

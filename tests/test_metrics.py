@@ -153,6 +153,17 @@ def _empty_prediction_image(rng):
     return gt, gt_segments, np.zeros_like(gt), []
 
 
+def _void_ground_truth_image():
+    """No ground-truth segment at all (an all-void / all-ignore image) while the prediction has segments
+    (this crashed PQ with an IndexError): every predicted pixel is on void, so panopticapi ignores them all."""
+    h, w = 12, 12
+    gt = np.zeros((h, w), np.int64)
+    pred = np.zeros((h, w), np.int64)
+    pred[:6] = 3
+    pred[6:, :4] = 4
+    return gt, [], pred, [{"id": 3, "category_id": 1}, {"id": 4, "category_id": 15}]
+
+
 def _write_coco_panoptic(root, images, categories):
     """Write gt and pred as COCO panoptic JSON + PNG folders; returns the four paths."""
     gt_dir, pred_dir = root / "gt", root / "pred"
@@ -232,7 +243,7 @@ def _assert_same_as_panopticapi(ours, stat, theirs, categories, groups):
 def panoptic_files(tmp_path):
     rng = np.random.default_rng(0)
     images = [_random_image(rng, large_ids=i % 2 == 0) for i in range(10)]
-    images += _edge_images() + [_empty_prediction_image(rng)]
+    images += _edge_images() + [_empty_prediction_image(rng), _void_ground_truth_image()]
     return _write_coco_panoptic(tmp_path, images, CATEGORIES)
 
 
@@ -244,6 +255,15 @@ def test_pq_equals_panopticapi_on_the_same_files(panoptic_files, capsys):
     totals = {k: sum(e[k] for e in ours["per_class"]) for k in ("TP", "FP", "FN")}
     assert min(totals.values()) >= 5
     assert math.isnan(ours["per_class"][-1]["PQ"]) and math.isnan(ours["per_class"][-2]["PQ"])
+
+
+def test_pq_stuff_on_an_all_ignore_image():
+    """PQ-stuff of an image whose ground truth is all ignore label: the predictions are on void, ignored."""
+    m = PQStuffMetrics(3, ignore_label=255)
+    m.update(torch.tensor([[0, 1], [2, 2]]), torch.full((2, 2), 255))
+    m.update(torch.tensor([[0, 0], [1, 1]]), torch.tensor([[0, 0], [1, 255]]))
+    out = m.compute()
+    assert [(r["TP_stuff"], r["FP_stuff"], r["FN_stuff"]) for r in out["per_class"]] == [(1, 0, 0), (1, 0, 0), (0, 0, 0)]
 
 
 def test_pq_edge_cases_by_hand(tmp_path, capsys):

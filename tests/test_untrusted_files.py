@@ -244,3 +244,30 @@ def test_bom_and_override_values(tmp_path):
     assert load_recipe(recipe).model.num_queries == 7
     with pytest.raises(ConfigError, match="override 'model.num_queries=\\[1'"):
         load_recipe(recipe, ["model.num_queries=[1"])
+
+
+# ---------------------------------------------------------------------------------------- corrupt images
+
+
+def test_a_panoptic_png_with_damaged_pixel_data_is_an_error_not_a_crash(tmp_path):
+    """A valid header with garbage in IDAT made torchvision's libpng decoder kill the process (SIGSEGV)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    data = bytearray((tmp_path / "ok.png").read_bytes())
+    i = data.index(b"IDAT")
+    length = struct.unpack(">I", data[i - 4 : i])[0]
+    data[i + 14 : i + length - 6] = rng.integers(0, 255, length - 20, dtype=np.uint8).tobytes()
+    data[i + 4 + length : i + 8 + length] = struct.pack(">I", zlib.crc32(bytes(data[i : i + 4 + length])))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    code = ("from maskformer_cli.data.datasets import read_panoptic_ids\n"
+            "from maskformer_cli.errors import UserError\n"
+            f"try:\n    read_panoptic_ids({str(bad)!r})\nexcept UserError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])  # -11 before: the process died
+    assert f"cannot read panoptic PNG {bad}" in r.stdout

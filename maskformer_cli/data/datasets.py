@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -35,7 +34,6 @@ from maskformer_cli.structures import Target
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_TV_DECODE_PNG = hasattr(torchvision.io, "decode_png") and hasattr(torchvision.io, "read_file")
 
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[int]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -108,28 +106,18 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
 def read_panoptic_ids(path: str | os.PathLike[str]) -> torch.Tensor:
     """[H, W] int64 tensor of segment ids, id = R + 256 G + 256^2 B (0 = void), from a COCO panoptic PNG.
 
-    PNG decoding dominates PQ evaluation from files, so PNGs go through torchvision's libpng decoder
-    (about 1.5x faster than PIL here, and it releases the GIL, so readers can run in threads); anything
-    it cannot read (another format, an odd PNG) falls back to PIL, whose error names the file.
+    Decoded by PIL, whose decoder releases the GIL (readers run in threads) and reports a corrupt file as an
+    exception. torchvision's libpng decoder was 1.5x faster but crashed the whole process (SIGSEGV, no
+    Python error) on a PNG with a valid header and damaged pixel data, so it is not used for any file.
     """
-    rgb: torch.Tensor | None = None
-    if _TV_DECODE_PNG and str(path).lower().endswith(".png"):
-        try:
-            # torchvision 0.29 deprecates its codecs in favour of torchcodec; PIL takes over when they
-            # are gone (the check above).
-            data = torchvision.io.read_file(os.fspath(path))
-            rgb = torchvision.io.decode_png(data, mode=torchvision.io.ImageReadMode.RGB)  # [3, H, W]
-        except RuntimeError:
-            rgb = None  # missing, truncated or unusual: PIL below gives the error message or reads it
-    if rgb is None:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        except FileNotFoundError:
-            raise UserError(f"panoptic PNG not found: {path}") from None
-        except _PIL_ERRORS as e:
-            raise UserError(f"cannot read panoptic PNG {path}: {e}") from None
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except FileNotFoundError:
+        raise UserError(f"panoptic PNG not found: {path}") from None
+    except _PIL_ERRORS as e:
+        raise UserError(f"cannot read panoptic PNG {path}: {e}") from None
     if rgb.dtype != torch.uint8:
         raise UserError(f"panoptic PNG {path}: expected 8 bits per channel, got {rgb.dtype}")
     # Widen before multiplying: ids use 24 bits (int32 arithmetic is exact and faster than int64).

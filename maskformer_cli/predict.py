@@ -53,10 +53,16 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         if p.is_dir():
             entries = sorted(p.iterdir())
             out += [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-            subdirs = sum(1 for f in entries if f.is_dir())
+            subdirs = [f.name for f in entries if f.is_dir()]
             if subdirs:
-                console.print(f"[dim]{p}: {subdirs} sub-folder(s) not searched; use a glob such as "
-                              f"'{p}/**/*.jpg' to include them[/]")
+                console.print(f"{p}: sub-folder(s) not searched: {', '.join(subdirs[:10])}"
+                              f"{f' (+{len(subdirs) - 10} more)' if len(subdirs) > 10 else ''}; use a glob such "
+                              f"as '{p}/**/*.jpg' to include them", style="dim", highlight=False, markup=False)
+            broken = [f.name for f in entries if f.is_symlink() and not f.exists()]
+            if broken:
+                console.print(f"{p}: skipped broken symbolic link(s): {', '.join(broken[:10])}"
+                              f"{f' (+{len(broken) - 10} more)' if len(broken) > 10 else ''}",
+                              style="yellow", highlight=False, markup=False)
         elif p.exists():
             out.append(p)
         else:

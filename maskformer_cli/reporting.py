@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,12 @@ def is_tty() -> bool:
     return sys.stderr.isatty()
 
 
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class Logger:
     """Rank-0 run log: JSON lines for every logged step/eval, a CSV of evaluation results, console output.
 
@@ -54,6 +61,42 @@ class Logger:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def rewind(self, step: int) -> int:
+        """Forget what was logged after `step` (metrics.jsonl and results.csv), so that a run resumed from
+        the checkpoint of `step` reads as one uninterrupted run: the steps between that checkpoint and a
+        crash are logged again by the resumed run, not twice. Returns the number of records dropped."""
+        if not self.enabled:
+            return 0
+        dropped = 0
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the crash
+                    dropped += 1
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                    dropped += 1
+                    continue
+                kept.append(line)
+            _replace_text(path, "".join(f"{line}\n" for line in kept))
+        path = self.run_dir / "results.csv"
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                fields, rows = reader.fieldnames or [], list(reader)
+            kept_rows = [r for r in rows if not (r.get("step", "").isdigit() and int(r["step"]) > step)]
+            dropped += len(rows) - len(kept_rows)
+            with open(path.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(kept_rows)
+            os.replace(path.with_suffix(".csv.tmp"), path)
+        return dropped
 
     def result(self, row: dict[str, Any]) -> None:
         """Append an evaluation row to results.csv (columns grow as new metrics appear)."""

@@ -26,6 +26,7 @@ from maskformer_cli.checkpoint import (
     CheckpointManager,
     capture_rng_state,
     check_compatible,
+    remove_stale_temps,
     restore_rng_state,
 )
 from maskformer_cli.checkpoint import (
@@ -266,7 +267,14 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
         log.print(f"[yellow]init-from:[/] re-initialised {len(init_skipped)} tensors whose shape differs: "
                   f"{', '.join(init_skipped[:6])}")
     if resume_path is not None:
-        log.print(f"resumed from {resume_path} at step {start_step}")
+        dropped = log.rewind(start_step)
+        log.print(f"resumed from {resume_path} at step {start_step}"
+                  + (f" (dropped {dropped} log records of the steps after it, which run again)" if dropped else ""))
+    if main:
+        stale = remove_stale_temps(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
+        if stale:
+            _notice(log, f"removed {len(stale)} partial checkpoint file(s) left by an interrupted save: "
+                         f"{', '.join(p.name for p in stale[:4])}")
     manager = CheckpointManager(run_dir / "checkpoints", keep_last=s.keep_last) if main else None
     if main:
         (run_dir / "config.yaml").write_text(dump_recipe(recipe))

@@ -373,3 +373,19 @@ def test_output_names_are_unique_even_against_numbered_names():
     names = output_names(files)
     assert len(set(names)) == len(files) and names[-1] == "z"
     assert output_names([Path("/a/p.png"), Path("/b/q.png")]) == ["p", "q"]  # plain stems when unique
+
+
+def test_predict_names_what_a_folder_search_skips(tmp_path, capsys):
+    """Sub-folders and broken symbolic links in an input folder are named, not silently dropped."""
+    from maskformer_cli.predict import collect_inputs
+    from maskformer_cli.reporting import console
+
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"x")
+    (folder / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    with console.capture() as cap:
+        files = collect_inputs([str(folder)])
+    text = " ".join(cap.get().split())
+    assert [f.name for f in files] == ["a.png"]
+    assert "sub-folder(s) not searched: nested" in text and "broken symbolic link(s): gone.jpg" in text

@@ -69,6 +69,34 @@ def test_resume_equals_uninterrupted(tmp_path, data_root):
     assert losses_full == losses_part
 
 
+def test_resume_after_a_crash_logs_each_step_once_and_cleans_partial_checkpoints(tmp_path, data_root):
+    """A run killed after step 5 (last checkpoint: step 4), mid-way through writing a checkpoint: the resumed
+    run's metrics.jsonl holds every step once, with the losses of an uninterrupted run, and the partial
+    checkpoint file is gone."""
+    import shutil
+
+    recipe = tiny(data_root, "solver.max_iters=6", "solver.checkpoint_every=2", "solver.keep_last=0",
+                  "solver.seed=3")
+    full = train(recipe, run_dir=tmp_path / "full", quiet=True)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.run_dir, crashed)
+    ckpts = crashed / "checkpoints"
+    (ckpts / "step_00000006.pt").unlink()
+    for name in ("last.pt", "best.pt"):
+        shutil.copy(ckpts / "step_00000004.pt", ckpts / name)
+    records = read_jsonl(crashed / "metrics.jsonl")
+    kept = [r for r in records if r.get("step", 0) <= 5]
+    (crashed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"kind": "tr')
+    (ckpts / ".step_00000006.pt.x1y2.tmp").write_bytes(b"partial" * 1000)
+    resumed = train(recipe, run_dir=crashed, resume=True, quiet=True)
+    assert resumed.step == 6
+    steps = [r["step"] for r in read_jsonl(crashed / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [r["step"] for r in records if r["kind"] == "train"] and len(steps) == len(set(steps))
+    losses = [r["loss"] for r in read_jsonl(crashed / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses == [r["loss"] for r in records if r["kind"] == "train"]
+    assert not list(ckpts.glob(".*.tmp"))
+
+
 def test_resume_refuses_a_different_model(tmp_path, data_root):
     recipe = tiny(data_root, "solver.max_iters=2")
     train(recipe, run_dir=tmp_path / "r", quiet=True, stop_after=1)

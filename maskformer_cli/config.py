@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -117,7 +118,10 @@ class DataConfig:
     """(height, width) of training crops."""
     min_scale: float = 0.5
     max_scale: float = 2.0
-    """Random scale jitter, as a factor of the test short side."""
+    """Random scale jitter, as a factor of base_short_side."""
+    scale_sampling: Literal["choice", "uniform"] = "choice"
+    """'choice' (the reference's configs): the short side is one of int(x * 0.1 * base_short_side) for x from
+    min_scale * 10 to max_scale * 10, equally likely; 'uniform': base_short_side * U(min_scale, max_scale)."""
     base_short_side: int | None = None
     """Short side the scale jitter is relative to (default: crop height, as detectron2's semantic recipes)."""
     max_long_side: int = 2048
@@ -351,6 +355,11 @@ def validate(obj: Any, prefix: str = "") -> None:
     if isinstance(obj, DataConfig):
         if obj.min_scale <= 0 or obj.max_scale < obj.min_scale:
             raise ConfigError(f"{prefix}min_scale/max_scale: need 0 < min_scale <= max_scale")
+        if obj.scale_sampling == "choice" and math.floor(round(obj.max_scale * 10, 6)) < math.ceil(
+                round(obj.min_scale * 10, 6)):
+            raise ConfigError(f"{prefix}scale_sampling=choice picks scales in steps of 0.1 between min_scale "
+                              f"and max_scale ({obj.min_scale}, {obj.max_scale}): none lies between; widen the "
+                              f"range or use scale_sampling=uniform")
         if any(s <= 0 for s in obj.crop_size):
             raise ConfigError(f"{prefix}crop_size: must be positive, got {obj.crop_size}")
         if obj.test_short_side is not None and obj.test_short_side < 0:

@@ -291,8 +291,16 @@ class PerPixelCriterion(nn.Module):
         return out
 
     def forward(self, outputs: PerPixelOutput, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-        device = outputs.sem_seg_logits.device
-        labels = self.labels(targets, device)
+        """The loss of the last layer, and with deep supervision (outputs.aux_outputs) the same loss of each
+        earlier layer under the suffix _i, at the same weight (the reference's PerPixelBaselinePlusHead)."""
+        labels = self.labels(targets, outputs.sem_seg_logits.device)
+        losses = self.layer_losses(outputs, labels)
+        for i, aux in enumerate(outputs.aux_outputs):
+            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, labels).items()})
+        return losses
+
+    def layer_losses(self, outputs: PerPixelOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = labels.device
         with torch.autocast(device_type=device.type, enabled=False):
             logits = F.interpolate(
                 outputs.sem_seg_logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False

@@ -87,7 +87,7 @@ class PostProcessor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(x.device, self.precision):
-            out = net(x)
+            out = net(x, deep_supervision=False)  # the earlier layers' outputs are for training only
         if isinstance(out, PerPixelOutput):
             return PerPixelOutput(out.sem_seg_logits.float())
         return MaskFormerOutput(out.pred_logits.float(), out.pred_masks.float())

@@ -74,6 +74,8 @@ class PerPixelOutput:
     """What the per-pixel baselines return.
 
     sem_seg_logits: [B, K, H/4, W/4] per-pixel class logits (no "no object" class).
+    aux_outputs: PerPixelBaseline+ with deep supervision: one PerPixelOutput per earlier decoder layer.
     """
 
     sem_seg_logits: torch.Tensor
+    aux_outputs: list[PerPixelOutput] = field(default_factory=list)

@@ -167,6 +167,23 @@ def test_deep_supervision_keys_and_weighted_total():
         assert losses[f"{n}_1"].item() == pytest.approx(alone[n].item(), rel=1e-6)
 
 
+def test_per_pixel_deep_supervision_is_the_same_loss_after_every_layer():
+    """PerPixelBaseline+ (reference: PerPixelBaselinePlusHead): loss_ce of the last layer plus loss_ce_i of
+    each earlier one, each equal to the loss of that layer alone, all at weight 1."""
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 3, 4, 4, generator=g, requires_grad=True) for _ in range(3)]
+    out = PerPixelOutput(layers[-1], aux_outputs=[PerPixelOutput(x) for x in layers[:-1]])
+    targets = [_target([0, 2], seed=1), _target([1], seed=2)]
+    crit = PerPixelCriterion(3)
+    losses = crit(out, targets)
+    assert set(losses) == {"loss_ce", "loss_ce_0", "loss_ce_1"}
+    for key, x in (("loss_ce", layers[2]), ("loss_ce_0", layers[0]), ("loss_ce_1", layers[1])):
+        torch.testing.assert_close(losses[key], crit(PerPixelOutput(x), targets)["loss_ce"])
+    crit.weighted_total(losses).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in layers)
+    torch.testing.assert_close(crit.weighted_total(losses), sum(losses.values()))
+
+
 def test_weighted_sum_rejects_an_unweighted_loss():
     with pytest.raises(KeyError, match="loss_mystery"):
         weighted_sum({"loss_ce": torch.tensor(1.0), "loss_mystery_0": torch.tensor(1.0)}, {"loss_ce": 1.0})

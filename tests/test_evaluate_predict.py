@@ -26,6 +26,9 @@ TINY = [
     "solver.max_iters=80", "solver.eval_every=80",
     # a short-trained model is unsure of everything: keep all its segments so PQ has something to count
     "inference.object_mask_threshold=0.0",
+    # 80 steps learn something for some seeds and nothing for others (seeds 1, 2 give PQ 0 either way);
+    # this run, recorded with uniform scale sampling, is one that gives real numbers to compare
+    "data.scale_sampling=uniform",
 ]
 
 

@@ -137,6 +137,21 @@ def test_paper_settings(name, recipe):
         assert m.num_queries == 100
     if "decoder_layers" not in name:
         assert m.dec_layers == 6
+    # the reference's semantic augmentation: MIN_SIZE_TRAIN = [int(x * 0.1 * B) for x in range(5, 21)] (16
+    # for COCO-Stuff),
+    # MIN_SIZE_TRAIN_SAMPLING "choice" (B = 512 ADE20K, 640 COCO-Stuff, 1024 Cityscapes, 2048 Mapillary)
+    if d.augmentation == "semantic":
+        from maskformer_cli.data.transforms import choice_short_sides
+
+        base = d.base_short_side or d.crop_size[0]
+        assert d.scale_sampling == "choice", name
+        last = 15 if d.dataset == "coco-stuff-10k" else 20  # COCO-Stuff: range(5, 16), scales 0.5-1.5
+        assert choice_short_sides(base, d.min_scale, d.max_scale) == tuple(int(x * 0.1 * base)
+                                                                           for x in range(5, last + 1))
+        assert base == {"cityscapes": 1024, "mapillary": 2048}.get(d.dataset, crop[0] if crop else base), name
+    # deep supervision: every decoder layer is trained, MaskFormer and PerPixelBaseline+ alike
+    if m.meta_architecture in ("maskformer", "per_pixel_baseline_plus"):
+        assert m.deep_supervision, name
 
 
 @pytest.mark.parametrize("path", ABLATION_FILES, ids=[rel(p) for p in ABLATION_FILES])
@@ -224,6 +239,28 @@ def test_model_builds_and_runs_at_tiny_size(name, cfg):
         assert (out.pred_boxes is not None) == cfg.box_head
     else:
         assert out.sem_seg_logits.shape == (1, K_TINY, 16, 16)
+        # deep supervision is honoured by PerPixelBaseline+ (one output, and one loss, per decoder layer)
+        plus = cfg.meta_architecture == "per_pixel_baseline_plus" and cfg.deep_supervision
+        assert len(out.aux_outputs) == (cfg.dec_layers - 1 if plus else 0)
+
+
+@pytest.mark.parametrize("name, recipe", [(n, r) for n, r in ALL
+                                          if r.model.meta_architecture == "per_pixel_baseline_plus"],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_per_pixel_baseline_plus_recipes_train_every_decoder_layer(name, recipe):
+    """The recipes say deep_supervision: true; the loss must then have a term per decoder layer."""
+    from maskformer_cli.criterion import build_criterion
+    from maskformer_cli.models import build_model
+    from maskformer_cli.structures import Target
+
+    assert recipe.model.deep_supervision, name
+    model = build_model(tiny(recipe), K_TINY).train()
+    crit = build_criterion(recipe, K_TINY)
+    target = Target(classes=torch.tensor([0, 1]), masks=torch.zeros(2, 64, 64, dtype=torch.bool))
+    target.masks[0, :32], target.masks[1, 32:] = True, True
+    losses = crit(model(torch.randn(1, 3, 64, 64)), [target])
+    base = "loss_ce" if recipe.loss.per_pixel_loss == "ce" else "loss_focal"
+    assert {k for k in losses if k.startswith(base)} == {base} | {f"{base}_{i}" for i in range(recipe.model.dec_layers - 1)}
 
 
 BACKBONES = sorted({r.model.backbone for _, r in ALL})

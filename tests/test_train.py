@@ -272,7 +272,9 @@ GOLDEN = Path(__file__).parent / "data" / "golden_loss.json"
 
 def test_golden_loss_curve(tmp_path, data_root):
     """A fixed tiny recipe reproduces the recorded loss curve (catches silent changes to model, matcher,
-    losses, data or augmentation). Regenerate with MASKFORMER_UPDATE_GOLDEN=1 after an intended change."""
+    losses, data or augmentation). Regenerate with MASKFORMER_UPDATE_GOLDEN=1 after an intended change (last:
+    the reference's "choice" scale sampling became the default; with data.scale_sampling=uniform the old curve
+    still matched, so nothing else had changed)."""
     recipe = tiny(data_root, "solver.max_iters=6", "solver.seed=1", "solver.deterministic=true")
     res = train(recipe, run_dir=tmp_path / "g", quiet=True)
     losses = [r["loss"] for r in read_jsonl(res.run_dir / "metrics.jsonl") if r["kind"] == "train"]

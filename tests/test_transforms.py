@@ -229,3 +229,27 @@ def test_build_transforms_reads_the_recipe():
     test = T.build_transforms(cfg, train=False)
     assert isinstance(test, T.TestTransform) and test.short_side == 96
     assert T.build_transforms(DataConfig(test_short_side=0), train=False).short_side == 0
+
+
+def test_scale_jitter_picks_the_reference_short_sides_by_default(monkeypatch):
+    """'choice' (the reference's MIN_SIZE_TRAIN_SAMPLING): the short side before the crop is one of
+    int(x * 0.1 * 512), x = 5..20; 'uniform' draws any size in between."""
+    import maskformer_cli.data.transforms as T
+
+    seen = []
+    real = T.shortest_edge_size
+
+    def spy(h, w, short, max_long):
+        seen.append(short)
+        return real(h, w, short, max_long)
+
+    monkeypatch.setattr(T, "shortest_edge_size", spy)
+    image, labels = torch.zeros(3, 100, 120, dtype=torch.uint8), torch.zeros(1, 100, 120, dtype=torch.uint8)
+    torch.manual_seed(0)
+    for _ in range(300):
+        T.TrainSemanticTransform((64, 64), base_short_side=512)(image, labels, (255,))
+    assert set(seen) == {256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024}
+    seen.clear()
+    for _ in range(50):
+        T.TrainSemanticTransform((64, 64), base_short_side=512, scale_sampling="uniform")(image, labels, (255,))
+    assert len(set(seen)) == 50 and all(256 <= s <= 1024 for s in seen)

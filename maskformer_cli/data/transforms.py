@@ -15,6 +15,7 @@ nearest labels as PIL's NEAREST); the geometric steps on labels use torchvision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -91,6 +92,16 @@ def pad_to(image: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], pad
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high] (inclusive)."""
     return int(torch.randint(low, high + 1, ()).item())
+
+
+def choice_short_sides(base: int, min_scale: float, max_scale: float) -> tuple[int, ...]:
+    """The reference's MIN_SIZE_TRAIN list: int(x * 0.1 * base) for x = min_scale*10 .. max_scale*10 (ADE20K:
+    256, 307, 358, ..., 1024), written as the configs write it so that the rounding is theirs."""
+    lo, hi = math.ceil(round(min_scale * 10, 6)), math.floor(round(max_scale * 10, 6))
+    sides = tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
+    if not sides:
+        raise ValueError(f"no short side between {min_scale} and {max_scale} x {base} in steps of 0.1")
+    return sides
 
 
 def _uniform(low: float, high: float) -> float:
@@ -194,16 +205,23 @@ class TrainSemanticTransform:
 
     def __init__(self, crop_size: tuple[int, int], min_scale: float = 0.5, max_scale: float = 2.0,
                  base_short_side: int = 512, max_long_side: int = 2048, cat_max_ratio: float = 1.0,
-                 color_jitter: bool = True, flip: bool = True) -> None:
+                 color_jitter: bool = True, flip: bool = True, scale_sampling: str = "choice") -> None:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.min_scale, self.max_scale = min_scale, max_scale
+        if scale_sampling not in ("choice", "uniform"):
+            raise ValueError(f"scale_sampling must be 'choice' or 'uniform', got {scale_sampling!r}")
+        self.short_sides = choice_short_sides(base_short_side, min_scale, max_scale) if scale_sampling == "choice" \
+            else None
         self.base_short_side, self.max_long_side = base_short_side, max_long_side
         self.cat_max_ratio, self.color_jitter, self.flip = cat_max_ratio, color_jitter, flip
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, pad_values: Sequence[int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = image.shape[-2:]
-        short = self.base_short_side * _uniform(self.min_scale, self.max_scale)
+        if self.short_sides is not None:
+            short = _choice(self.short_sides)
+        else:
+            short = self.base_short_side * _uniform(self.min_scale, self.max_scale)
         image, labels = resize(image, labels, shortest_edge_size(h, w, short, self.max_long_side))
         box = category_constrained_crop(labels[0], self.crop_size, self.cat_max_ratio, int(pad_values[0]))
         image, labels = crop(image, labels, *box)
@@ -273,4 +291,5 @@ def build_transforms(data_cfg: DataConfig, train: bool) -> SegTransform:
         cat_max_ratio=data_cfg.cat_max_ratio,
         color_jitter=data_cfg.color_jitter,
         flip=data_cfg.flip,
+        scale_sampling=data_cfg.scale_sampling,
     )

@@ -121,9 +121,11 @@ class MaskFormer(nn.Module):
         tgt = torch.zeros_like(query_pos)
         return self.decoder(tgt, memory, pos, query_pos), mask_features
 
-    def forward(self, images: torch.Tensor) -> MaskFormerOutput:
+    def forward(self, images: torch.Tensor, deep_supervision: bool | None = None) -> MaskFormerOutput:
+        """deep_supervision: None = the model's setting; False = the last layer only (inference needs no
+        aux_outputs: the post-processor passes False and skips L-1 mask products)."""
         hs, mask_features = self.decode(images)
-        if not self.deep_supervision:
+        if not (self.deep_supervision if deep_supervision is None else deep_supervision):
             hs = hs[-1:]
         logits = self.class_embed(hs)
         masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hs), mask_features)

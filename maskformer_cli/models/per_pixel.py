@@ -28,7 +28,7 @@ class PerPixelBaseline(nn.Module):
         self.classifier = nn.Conv2d(mask_dim, num_classes, 1)
         c2_msra_fill(self.classifier)
 
-    def forward(self, images: torch.Tensor) -> PerPixelOutput:
+    def forward(self, images: torch.Tensor, deep_supervision: bool | None = None) -> PerPixelOutput:
         mask_features, _ = self.pixel_decoder(self.backbone(images))
         return PerPixelOutput(sem_seg_logits=self.classifier(mask_features))
 
@@ -37,7 +37,8 @@ class PerPixelBaselinePlus(MaskFormer):
     """images [B, 3, H, W] -> PerPixelOutput(sem_seg_logits [B, K, H/4, W/4]).
 
     Takes MaskFormer's keyword arguments except num_classes / num_queries (both K here) and box_head.
-    Only the last decoder layer gives logits: PerPixelOutput has no place for deep-supervision outputs.
+    With deep_supervision every earlier decoder layer's logits come as `aux_outputs`, and the per-pixel loss
+    is computed after each layer, as the reference's PerPixelBaselinePlusHead does.
     """
 
     def __init__(self, backbone: nn.Module, pixel_decoder: nn.Module, *, num_classes: int, **kwargs) -> None:
@@ -45,7 +46,11 @@ class PerPixelBaselinePlus(MaskFormer):
         kwargs.pop("box_head", None)
         super().__init__(backbone, pixel_decoder, num_classes=None, num_queries=num_classes, **kwargs)
 
-    def forward(self, images: torch.Tensor) -> PerPixelOutput:
+    def forward(self, images: torch.Tensor, deep_supervision: bool | None = None) -> PerPixelOutput:
+        """deep_supervision: None = the model's setting; False = the last layer only (inference)."""
         hs, mask_features = self.decode(images)
-        logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(hs[-1]), mask_features)
-        return PerPixelOutput(sem_seg_logits=logits)
+        if not (self.deep_supervision if deep_supervision is None else deep_supervision):
+            hs = hs[-1:]
+        logits = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hs), mask_features).unbind(0)
+        return PerPixelOutput(sem_seg_logits=logits[-1],
+                              aux_outputs=[PerPixelOutput(sem_seg_logits=x) for x in logits[:-1]])

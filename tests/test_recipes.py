@@ -69,7 +69,7 @@ def test_every_paper_row_and_ablation_ships():
                  "recipes/coco-panoptic/maskformer_swin_tiny.yaml", "recipes/coco-panoptic/maskformer_swin_base.yaml",
                  "recipes/coco-panoptic/maskformer_swin_large.yaml", "recipes/quickstart.yaml"}
     for a in ("table4_per_pixel_vs_mask", "table5_box_vs_mask_matching", "queries", "decoder_layers", "inference",
-              "inference_coco_stuff", "inference_ade20k_full"):
+              "inference_coco_stuff", "inference_ade20k_full", "queries_coco_stuff", "queries_ade20k_full"):
         expected.add(f"recipes/ablations/{a}.yaml")
     expected |= {f"recipes/ablations/mini/{a}.yaml" for a in (
         "per_pixel_vs_mask", "per_pixel_vs_mask_classes", "box_vs_mask_matching", "queries", "decoder_layers",
@@ -133,7 +133,7 @@ def test_paper_settings(name, recipe):
         assert d.base_short_side == 2048 and recipe.inference.tta_scales == (0.5, 1.0, 1.5)
     if "table4" in name:
         assert m.num_queries == 150
-    if m.meta_architecture == "maskformer" and "queries.yaml" not in name and "table4" not in name:
+    if m.meta_architecture == "maskformer" and "/queries" not in name and "table4" not in name:
         assert m.num_queries == 100
     if "decoder_layers" not in name:
         assert m.dec_layers == 6
@@ -310,6 +310,8 @@ ABLATION_PAPER_RECIPES = {
     "table4_per_pixel_vs_mask": ({"ade20k": "ade20k/maskformer_r50"}, {"model.num_queries"}),
     "table5_box_vs_mask_matching": ({"coco-panoptic": "coco-panoptic/maskformer_r50_6enc"}, set()),
     "queries": ({"ade20k": "ade20k/maskformer_r50"}, set()),
+    "queries_coco_stuff": ({"coco-stuff-10k": "coco-stuff-10k/maskformer_r50"}, set()),
+    "queries_ade20k_full": ({"ade20k-full": "ade20k-full/maskformer_r50"}, set()),
     "inference": ({"ade20k": "ade20k/maskformer_r50"}, set()),
     "inference_coco_stuff": ({"coco-stuff-10k": "coco-stuff-10k/maskformer_r50"}, set()),
     "inference_ade20k_full": ({"ade20k-full": "ade20k-full/maskformer_r50"}, set()),

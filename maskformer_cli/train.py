@@ -212,6 +212,12 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     train_set = build_train_dataset(recipe.data, info)
     # built now, so that a missing val split stops the run before training, not after the whole schedule
     eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
+    check = getattr(eval_loader.dataset, "check_files", None)
+    problems = check() if check is not None else []
+    if problems:  # found now, not after the whole training schedule
+        raise UserError(f"validation split '{recipe.data.val_split}': {len(problems)}{'+' if len(problems) >= 5 else ''} "
+                        f"missing or unreadable file(s), first: {problems[0]}"
+                        + (f"; also {'; '.join(problems[1:3])}" if len(problems) > 1 else ""))
     resume_path = None
     if resume:
         ckpt_dir = run_dir / "checkpoints"

@@ -282,3 +282,18 @@ def test_two_ranks_skip_empty_batches_together_and_report_errors_in_one_line(tmp
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: run directory") and "already exists" in lines[0], r.stderr
+
+
+def test_a_missing_or_unreadable_validation_file_stops_the_run_before_the_first_step(tmp_path, data_root,
+                                                                                      monkeypatch):
+    """Found at start (existence and image header), not after the whole schedule at the first evaluation."""
+    spec = make_custom(tmp_path / "d")
+    (tmp_path / "d" / "lbl" / "val" / "val1.png").unlink()
+    (tmp_path / "d" / "img" / "val" / "val0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    steps = []
+    real = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    with pytest.raises(UserError, match=r"validation split 'val': 2 missing or unreadable file\(s\), first: .*"
+                                         r"val0\.png: not a readable image.*val1\.png: missing"):
+        train(custom_recipe(data_root, spec, "solver.max_iters=2"), run_dir=tmp_path / "run", quiet=True)
+    assert not steps and not (tmp_path / "run").exists()

@@ -117,6 +117,9 @@ def test_local_archive_with_other_checksum_is_refused_unless_accepted(tmp_path, 
     assert "differs" in read_stamp(root / "ADEChallengeData2016")["datasets"]["ade20k"]["sources"][ADE]
     with archive_override(ADE, sha256=sha256(arch)):  # a matching checksum needs no flag
         _prepare("ade20k", tmp_path / "other_root", [arch], accept_checksum=False)
+    # the checksum cache stays inside the datasets root: nothing is written beside the user's archive
+    assert sorted(p.name for p in arch.parent.iterdir() if p.name.startswith(arch.name)) == [arch.name]
+    assert list((root / "downloads" / ".checksums").glob(f"{arch.name}.*.sha256.json"))
 
 
 def test_download_from_local_server_then_prepare(tmp_path, ade):

@@ -74,14 +74,21 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256.json")
+def _sidecar(path: Path, cache_dir: Path | None = None) -> Path:
+    """Where the checksum cache of `path` lives: beside it (our own downloads), or in `cache_dir` for a file
+    the user owns (an archive given with --from-archive), keyed by its absolute path: nothing is written
+    next to the user's files."""
+    if cache_dir is None:
+        return path.with_name(path.name + ".sha256.json")
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"{path.name}.{key}.sha256.json"
 
 
-def cached_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """SHA-256 of `path`, reusing the sidecar when size and mtime still match (else hashing again)."""
+def cached_sha256(path: Path, on_bytes: Callable[[int], None] | None = None, cache_dir: Path | None = None) -> str:
+    """SHA-256 of `path`, reusing the cache record when size and mtime still match (else hashing again);
+    the record goes beside `path`, or into `cache_dir` when given."""
     st = path.stat()
-    side = _sidecar(path)
+    side = _sidecar(path, cache_dir)
     try:
         rec = json.loads(side.read_text())
         if rec["size"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
@@ -89,14 +96,16 @@ def cached_sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> 
     except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = sha256_file(path, on_bytes)
-    _write_sidecar(path, digest)
+    _write_sidecar(path, digest, cache_dir)
     return digest
 
 
-def _write_sidecar(path: Path, digest: str) -> None:
+def _write_sidecar(path: Path, digest: str, cache_dir: Path | None = None) -> None:
     st = path.stat()
     with contextlib.suppress(OSError):  # only a cache
-        _sidecar(path).write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+        side = _sidecar(path, cache_dir)
+        side.parent.mkdir(parents=True, exist_ok=True)
+        side.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
 
 
 # ------------------------------------------------------------------------------------------ transfer

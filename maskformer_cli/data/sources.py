@@ -74,12 +74,13 @@ def _assign(dataset: str, specs: list[ArchiveSpec], given: list[Path], console) 
     return assigned
 
 
-def verify_local(spec: ArchiveSpec, path: Path, *, accept_checksum: bool, console) -> str:
-    """Check a local archive against the official checksum; returns a note for the stamp."""
+def verify_local(spec: ArchiveSpec, path: Path, *, accept_checksum: bool, console, root: Path | None = None) -> str:
+    """Check a local archive against the official checksum; returns a note for the stamp. The checksum cache
+    goes under <root>/downloads/.checksums/, never beside the user's archive."""
     if spec.sha256 is None:
         return "no official checksum published: not verified"
     console.print(f"checking the SHA-256 of {path} ...")
-    digest = cached_sha256(path)
+    digest = cached_sha256(path, cache_dir=None if root is None else root / DOWNLOADS / ".checksums")
     if digest == spec.sha256.lower():
         return "sha256 verified"
     if accept_checksum:
@@ -127,7 +128,7 @@ def resolve_sources(dataset: str, keys: tuple[str, ...], given: list[Path], root
         if kind == "in_place":
             sources[spec.filename] = Source(spec.filename, "in_place", path, f"already in place in {path}")
         elif kind == "archive":
-            note = verify_local(spec, path, accept_checksum=accept_checksum, console=console)
+            note = verify_local(spec, path, accept_checksum=accept_checksum, console=console, root=root)
             sources[spec.filename] = Source(spec.filename, "archive", path, note)
     for spec in specs:
         kind, path = plan[spec.filename]

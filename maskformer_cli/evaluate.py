@@ -225,10 +225,12 @@ def _eval_saved_semantic(ev, pred_dir: Path, info, base: Path, split: str, limit
     if split not in info.sem_seg:
         return _eval_saved_semantic_from_panoptic(ev, pred_dir, info, base, split, limit)
     _, label_dir = info.sem_seg[split]
-    gt_files = sorted((base / label_dir).glob("*.png"))[:limit]
-    if not gt_files:
-        raise UserError(f"no ground-truth labels in {base / label_dir}")
     suffix_from, suffix_to = info.label_suffix
+    # every label below the folder (Cityscapes keeps them in per-city folders), and only the label maps when
+    # the dataset names them by suffix (beside *_labelTrainIds.png lie *_labelIds.png, *_color.png, ...)
+    gt_files = sorted((base / label_dir).rglob(f"*{suffix_to}.png"))[:limit]
+    if not gt_files:
+        raise UserError(f"no ground-truth labels (*{suffix_to}.png) in {base / label_dir} or its sub-folders")
     missing = []
     with progress_bar("evaluate", len(gt_files)) as bar:
         task = bar.add_task("evaluate", total=len(gt_files))

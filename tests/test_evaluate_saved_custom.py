@@ -203,3 +203,25 @@ def test_unknown_split_lists_the_splits_or_none(tmp_path, monkeypatch):
     monkeypatch.setattr("maskformer_cli.data.catalog.get_dataset_info", lambda name, **kw: bare)
     with pytest.raises(UserError, match=r"has no semantic split 'val' \(has none\)"):
         evaluate_saved_predictions(tmp_path / "preds", dataset="bare", split="val", metric="miou")
+
+
+def test_cityscapes_predictions_find_the_labels_in_the_city_folders(tmp_path, monkeypatch):
+    """gtFine/val/<city>/*_gtFine_labelTrainIds.png (beside *_labelIds.png and *_color.png, which are not
+    label maps to score) against predict's labels/<image stem>.png."""
+    from PIL import Image
+
+    monkeypatch.setenv("MASKFORMER_DATASETS", str(tmp_path / "datasets"))
+    gt_dir = tmp_path / "datasets" / "cityscapes" / "gtFine" / "val"
+    preds = tmp_path / "preds" / "labels"
+    preds.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for city, frame in (("frankfurt", "000000_000294"), ("lindau", "000001_000019")):
+        (gt_dir / city).mkdir(parents=True)
+        gt = rng.integers(0, 19, (16, 32), dtype=np.uint8)
+        Image.fromarray(gt).save(gt_dir / city / f"{city}_{frame}_gtFine_labelTrainIds.png")
+        Image.fromarray(gt + 7).save(gt_dir / city / f"{city}_{frame}_gtFine_labelIds.png")  # another encoding
+        pred = gt.copy()
+        pred[:8] = 0  # half the rows wrong where gt != 0
+        Image.fromarray(pred).save(preds / f"{city}_{frame}_leftImg8bit.png")
+    res = evaluate_saved_predictions(tmp_path / "preds", dataset="cityscapes", split="val", metric="miou")
+    assert res["num_images"] == 2 and 30 < res["pAcc"] < 70

@@ -334,7 +334,7 @@ def _eval_saved_panoptic(ev, pred_dir: Path, pan_json: Path, info, base: Path, s
 
     _, gt_json, gt_png_dir = info.panoptic[split]
     gt = json.loads((base / gt_json).read_text())
-    preds = {a["file_name"]: a for a in json.loads(pan_json.read_text())["annotations"]}
+    pred_anns = json.loads(pan_json.read_text())["annotations"]
     to_contiguous = {d: i for i, d in enumerate(info.dataset_ids)} if info.dataset_ids else None
 
     def segs(ann: dict) -> list[dict]:
@@ -345,21 +345,36 @@ def _eval_saved_panoptic(ev, pred_dir: Path, pan_json: Path, info, base: Path, s
         return out
 
     anns = gt["annotations"][:limit]
-    missing = [a["file_name"] for a in anns if a["file_name"] not in preds]
-    if missing:
-        raise UserError(f"{pan_json}: no prediction for {len(missing)} image(s): {', '.join(missing[:5])}"
-                        + (" ..." if len(missing) > 5 else ""))
+    match = _match_panoptic_predictions(anns, pred_anns, pan_json)
 
     def read_pair(ann: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = preds[ann["file_name"]]
-        return (read_panoptic_ids(pred_dir / "panoptic" / pred["file_name"]),
+        return (read_panoptic_ids(pred_dir / "panoptic" / match[id(ann)]["file_name"]),
                 read_panoptic_ids(base / gt_png_dir / ann["file_name"]))
 
     # PNG decoding dominates: decode ahead in threads while the metric update runs here.
     for ann, (pred_ids, gt_ids) in zip(anns, prefetched(read_pair, anns), strict=True):
+        pred = match[id(ann)]
         try:
-            ev.update_panoptic(pred_ids, segs(preds[ann["file_name"]]), gt_ids, segs(ann))
+            ev.update_panoptic(pred_ids, segs(pred), gt_ids, segs(ann))
         except ValueError as e:  # the PNG and the JSON's segments_info disagree: a file problem, not a bug
-            raise UserError(f"{pred_dir / 'panoptic' / preds[ann['file_name']]['file_name']}: {e} "
-                            f"(its entry in {pan_json})") from None
+            raise UserError(f"{pred_dir / 'panoptic' / pred['file_name']}: {e} (its entry in {pan_json})") from None
     return len(anns)
+
+
+def _match_panoptic_predictions(anns: list[dict], pred_anns: list[dict], pan_json: Path) -> dict[int, dict]:
+    """The prediction of each ground-truth annotation (keyed by id(ann)). As panopticapi: by image_id, the
+    PNG named by the prediction's own file_name. When the predictions' image_ids are not the dataset's
+    (`maskformer predict` over a folder numbers COCO-style names 000000000139.jpg as 139, others by their
+    stem), by file name stem instead; either way every ground-truth image needs one."""
+    by_id: dict = {}
+    for a in pred_anns:
+        by_id.setdefault(a.get("image_id"), a)
+    if anns and all(a["image_id"] in by_id for a in anns):
+        return {id(a): by_id[a["image_id"]] for a in anns}
+    by_stem = {Path(a["file_name"]).stem: a for a in pred_anns}
+    match = {id(a): by_stem[Path(a["file_name"]).stem] for a in anns if Path(a["file_name"]).stem in by_stem}
+    missing = [a["file_name"] for a in anns if id(a) not in match]
+    if missing:
+        raise UserError(f"{pan_json}: no prediction for {len(missing)} image(s) (matched by image_id, else by file "
+                        f"name): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    return match

@@ -276,7 +276,7 @@ class _Writer:
     def write(self, pred: dict, meta: dict, path: Path, stem: str, ms: float) -> None:
         from PIL import Image
 
-        image_id, img = meta["index"], meta["rgb"]
+        image_id, img = image_id_of(path), meta["rgb"]
         h, w = img.shape[:2]
         labels = pred["sem_seg"].numpy()
         _save_label_png(labels, self.info.num_classes, self.out / "labels" / f"{stem}.png")
@@ -332,6 +332,12 @@ class _Writer:
                   "skipped": skipped}
         (self.out / "manifest.json").write_text(json.dumps(result, indent=1))
         return result
+
+
+def image_id_of(path: Path) -> int | str:
+    """The image_id written for an input: COCO-style numeric names (000000000139.jpg) give the dataset's id
+    (139), as COCO tools and panopticapi match on it; other names give their stem."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -127,6 +127,20 @@ def test_predict_panoptic_then_pq_from_saved_predictions(trained, tmp_path):
     m = json.loads((ev / "metrics.json").read_text())
     for key in ("PQ", "PQ_th", "PQ_st"):
         assert m[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key
+    # as panopticapi: predictions are matched by image_id, each PNG named by the prediction's file_name
+    # (here renamed and listed in reverse order, as another tool might write them)
+    gt = json.loads((trained["root"] / "synthetic_k12" / "panoptic_val.json").read_text())
+    gt_id = {Path(a["file_name"]).stem: a["image_id"] for a in gt["annotations"]}
+    for ann in pan["annotations"]:
+        new = f"pred_{ann['file_name']}"
+        (out / "panoptic" / ann["file_name"]).rename(out / "panoptic" / new)
+        ann["image_id"], ann["file_name"] = gt_id[Path(ann["file_name"]).stem], new
+    pan["annotations"].reverse()
+    (out / "panoptic.json").write_text(json.dumps(pan))
+    invoke(["evaluate", "--predictions", out, "--dataset", "synthetic", "--metric", "pq", "--out", ev],
+           trained["root"])
+    again = json.loads((ev / "metrics.json").read_text())
+    assert {k: again[k] for k in ("PQ", "SQ", "RQ")} == {k: m[k] for k in ("PQ", "SQ", "RQ")}
 
 
 def test_query_stats_plot(trained, tmp_path):

@@ -274,3 +274,29 @@ def test_collate_pads_to_divisible_size():
 def test_collate_of_only_skipped_samples_is_empty():
     batch = collate([None, None])
     assert len(batch) == 0 and batch.num_skipped == 2 and batch.images.shape[0] == 0
+
+
+def test_an_interrupted_preparation_is_refused_and_a_tree_without_our_stamp_is_used(tmp_path):
+    """prepare-data marks the stamp entry 'incomplete' while moving files into place: such a tree is refused
+    with the command that repairs it; a tree prepared by detectron2's scripts (no stamp) loads."""
+    import json
+
+    from PIL import Image
+
+    from maskformer_cli.data.catalog import get_dataset_info
+    from maskformer_cli.data.datasets import build_dataset
+    from maskformer_cli.data.staging import STAMP
+    from maskformer_cli.errors import UserError
+
+    base = tmp_path / "ADEChallengeData2016"
+    (base / "images" / "validation").mkdir(parents=True)
+    (base / "annotations_detectron2" / "validation").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(base / "images" / "validation" / "a.jpg")
+    Image.new("L", (8, 8)).save(base / "annotations_detectron2" / "validation" / "a.png")
+    info = get_dataset_info("ade20k")
+    assert len(build_dataset(info, tmp_path, "val", "semantic", None)) == 1  # no stamp: detectron2's layout
+    (base / STAMP).write_text(json.dumps({"datasets": {"ade20k": {"status": "incomplete"}}}))
+    with pytest.raises(UserError, match=r"interrupted .* run `maskformer prepare-data ade20k --force`"):
+        build_dataset(info, tmp_path, "val", "semantic", None)
+    (base / STAMP).write_text(json.dumps({"datasets": {"ade20k": {"version": 1, "counts": {"val": 1}}}}))
+    assert len(build_dataset(info, tmp_path, "val", "semantic", None)) == 1

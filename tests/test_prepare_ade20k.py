@@ -252,3 +252,28 @@ def test_cli_errors_are_one_red_line_and_success_prints_a_table(tmp_path, ade):
     r = subprocess.run(cmd + ["--accept-checksum"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "classes" in r.stdout and (root / "ADEChallengeData2016" / STAMP).is_file()
+
+
+def test_a_crash_while_moving_files_into_place_is_refused_by_train_and_repaired_by_prepare(tmp_path, ade,
+                                                                                          monkeypatch):
+    import maskformer_cli.data.prepare as prepare_mod
+    from maskformer_cli.data.datasets import build_dataset
+
+    arch, _ = ade
+    root = tmp_path / "datasets"
+    real = prepare_mod.merge_move
+
+    def crash(src, dst, replace=()):
+        real(src, dst, replace)  # the files are in place, the stamp is not updated yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod, "merge_move", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare("ade20k", root, [arch], accept_checksum=True)
+    assert read_stamp(root / "ADEChallengeData2016")["datasets"]["ade20k"]["status"] == "incomplete"
+    with pytest.raises(UserError, match="was interrupted"):
+        build_dataset(get_dataset_info("ade20k"), root, "val", "semantic", None)
+    monkeypatch.setattr(prepare_mod, "merge_move", real)
+    _prepare("ade20k", root, [arch], accept_checksum=True)  # no --force needed
+    assert "status" not in read_stamp(root / "ADEChallengeData2016")["datasets"]["ade20k"]
+    assert len(build_dataset(get_dataset_info("ade20k"), root, "val", "semantic", None)) > 0

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from maskformer_cli.data.catalog import DatasetInfo
+from maskformer_cli.data.catalog import DatasetInfo, canonical_name
 from maskformer_cli.errors import UserError
 from maskformer_cli.structures import Target
 
@@ -345,6 +345,21 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(out)
 
 
+def _refuse_interrupted_preparation(info: DatasetInfo, base: Path) -> None:
+    """`prepare-data` marks a dataset's stamp entry 'incomplete' before moving its converted files into place
+    and replaces it with the complete entry after: a crash in between leaves a tree that looks whole but
+    is not. Trees without our stamp (prepared by detectron2's or the datasets' own scripts) are taken as
+    they are, recognised by their folder layout (the split folders the catalog names)."""
+    from maskformer_cli.data.staging import STAMP, stamp_entry
+
+    name = canonical_name(info.name)
+    entry = stamp_entry(base, name)
+    if entry is not None and entry.get("status") == "incomplete":
+        raise UserError(f"{base}: the preparation of {name} was interrupted while its files were moved into place "
+                        f"({base / STAMP} says incomplete); run `maskformer prepare-data {name.replace('_', '-')} "
+                        f"--force`")
+
+
 def build_dataset(info: DatasetInfo, root: str | os.PathLike[str], split: str, task: str,
                   transform: Transform | None, *, skip_bad: bool = False,
                   ignore_label: int | None = None) -> SemanticSegDataset | PanopticSegDataset:
@@ -364,6 +379,8 @@ def build_dataset(info: DatasetInfo, root: str | os.PathLike[str], split: str, t
 
     if task not in ("semantic", "panoptic"):
         raise UserError(f"task must be 'semantic' or 'panoptic', got {task!r}")
+    if not info.root:
+        _refuse_interrupted_preparation(info, base)
     if task == "semantic" and split in info.sem_seg:
         image_dir, label_dir = info.sem_seg[split]
         ds: SemanticSegDataset | PanopticSegDataset = SemanticSegDataset(

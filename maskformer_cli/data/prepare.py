@@ -66,7 +66,9 @@ def _prepare_catalog(name: str, *, root: Path | None, archives: list[Path], down
             console.print(f"{display} is already prepared in {target}: nothing to do (--force prepares it again).")
             _summary(console, info, target, entry.get("counts", {}))
             return entry
-        console.print(f"{display}: the stamp in {target} is outdated or files are missing; preparing again.")
+        why = ("its last preparation was interrupted" if entry.get("status") == "incomplete"
+               else "the stamp is outdated or files are missing")
+        console.print(f"{display} in {target}: {why}; preparing again.")
     sources = resolve_sources(display, conv.archives, archives, root_dir, target, download_ok=download,
                               accept_checksum=accept_checksum, console=console)
     try:
@@ -84,7 +86,8 @@ def _prepare_catalog(name: str, *, root: Path | None, archives: list[Path], down
                     dirs[k] = st.src(k)
             ctx = Context(dirs, st.out, target, st.scratch, track=_tracker(console))
             counts = conv.convert(ctx)
-            write_stamp_entry(target, key, None)  # not complete while the tree changes
+            # not complete while the tree changes: train / evaluate refuse a tree whose entry says so
+            write_stamp_entry(target, key, {"status": "incomplete", "started_at": _now(), "maskformer": _version()})
             merge_move(st.out, target, replace=conv.outputs)
             entry = {
                 "version": conv.version, "counts": counts, "num_classes": info.num_classes,

@@ -174,9 +174,12 @@ def test_bad_label_value_names_the_file(tmp_path):
         "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg": jpg_bytes(8, 8),
         "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": png_bytes(np.zeros((8, 8), np.uint8)),
     })
-    with pytest.raises(UserError, match=r"ADE_train_00000001.png: label value 200 > 150"):
+    with pytest.raises(UserError, match=r"ADE_train_00000001.png: label value 200 > 150") as e:
         _prepare("ade20k", tmp_path / "datasets", [arch])
     assert not (tmp_path / "datasets" / "ADEChallengeData2016").exists()
+    # the archive and its member are named, not the staging copy that is deleted by now
+    assert f"{arch} member ADEChallengeData2016/annotations/training/ADE_train_00000001.png" in str(e.value)
+    assert ".maskformer-tmp" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- panoptic

@@ -9,6 +9,7 @@ dataset is complete; running again is a no-op unless --force.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,7 +86,11 @@ def _prepare_catalog(name: str, *, root: Path | None, archives: list[Path], down
                     _extract_with_progress(arch.extract, src.path, st.src(k), console)
                     dirs[k] = st.src(k)
             ctx = Context(dirs, st.out, target, st.scratch, track=_tracker(console))
-            counts = conv.convert(ctx)
+            try:
+                counts = conv.convert(ctx)
+            except UserError as e:  # name the archive and member, not a staging path deleted on exit
+                raise UserError(_name_members(str(e), {st.src(k): s.path for k, s in sources.items()
+                                                       if s.kind != "in_place"})) from None
             # not complete while the tree changes: train / evaluate refuse a tree whose entry says so
             write_stamp_entry(target, key, {"status": "incomplete", "started_at": _now(), "maskformer": _version()})
             merge_move(st.out, target, replace=conv.outputs)
@@ -148,6 +153,21 @@ def _extract_with_progress(extract, archive: Path, dest: Path, console) -> None:
         extract(archive, dest, on_start=lambda total: progress.update(task, total=total),
                 on_member=lambda n: progress.advance(task, n))
     console.print(f"extracted {archive}")
+
+
+def _name_members(message: str, extracted: dict[Path, Path]) -> str:
+    """Rewrite paths inside the staging copy of an archive as 'ARCHIVE member MEMBER' (the staging folder is
+    deleted when the preparation stops, so its paths would name nothing the user can find)."""
+    for folder, archive in extracted.items():
+        prefix = f"{folder}{os.sep}"
+        while prefix in message:
+            start = message.index(prefix)
+            end = start + len(prefix)
+            while end < len(message) and message[end] not in " :;,'\")":
+                end += 1
+            member = message[start + len(prefix):end]
+            message = f"{message[:start]}{archive} member {member}{message[end:]}"
+    return message
 
 
 def _summary(console, info: DatasetInfo, target: Path, counts: dict[str, int]) -> None:

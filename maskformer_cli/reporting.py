@@ -62,6 +62,13 @@ class Logger:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
+    def reset(self) -> None:
+        """A fresh start in an existing run directory (--exist-ok): the earlier run's logs are replaced, not
+        appended to (its steps would otherwise appear twice)."""
+        if self.enabled:
+            for name in ("metrics.jsonl", "results.csv"):
+                (self.run_dir / name).unlink(missing_ok=True)
+
     def rewind(self, step: int) -> int:
         """Forget what was logged after `step` (metrics.jsonl and results.csv), so that a run resumed from
         the checkpoint of `step` reads as one uninterrupted run: the steps between that checkpoint and a

@@ -272,7 +272,9 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     if init_skipped:
         log.print(f"[yellow]init-from:[/] re-initialised {len(init_skipped)} tensors whose shape differs: "
                   f"{', '.join(init_skipped[:6])}")
-    if resume_path is not None:
+    if resume_path is None:
+        log.reset()
+    else:
         dropped = log.rewind(start_step)
         log.print(f"resumed from {resume_path} at step {start_step}"
                   + (f" (dropped {dropped} log records of the steps after it, which run again)" if dropped else ""))

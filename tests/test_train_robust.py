@@ -47,6 +47,15 @@ def make_custom(root: Path, *, splits=("train", "val"), n: int = 4, missing_labe
     return path
 
 
+def _train_split_bad(spec: Path) -> Path:
+    """With label_suffix '_mask' and labels without it, every sample is bad; give the validation labels the
+    suffix, so only the train split is: a bad validation split now stops the run at start (its files are
+    checked before the first step), and these tests are about training samples."""
+    for label in (spec.parent / "lbl" / "val").glob("*.png"):
+        label.rename(label.with_name(f"{label.stem}_mask.png"))
+    return spec
+
+
 def _finite(values: list) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]  # a skipped step's loss is logged as null
 
@@ -108,7 +117,7 @@ def test_train_step_leaves_out_an_empty_micro_batch(data_root):
 
 def test_every_sample_bad_stops_with_a_clear_error(tmp_path, data_root):
     """A wrong label_suffix makes every training sample bad: a UserError naming files, no traceback."""
-    spec = make_custom(tmp_path / "d", label_suffix="_mask")  # the labels have no suffix
+    spec = _train_split_bad(make_custom(tmp_path / "d", label_suffix="_mask"))  # the labels have no suffix
     recipe = custom_recipe(data_root, spec, "solver.batch_size=1", "solver.max_iters=100")
     with pytest.raises(UserError) as e:
         train(recipe, run_dir=tmp_path / "run", quiet=True)
@@ -124,7 +133,7 @@ def test_every_sample_bad_stops_with_a_clear_error(tmp_path, data_root):
 
 def test_a_short_schedule_of_bad_files_only_does_not_end_as_a_success(tmp_path, data_root):
     """Fewer steps than the stop limit, none with a sample: an error, not an untrained 'finished' model."""
-    spec = make_custom(tmp_path / "d", label_suffix="_mask")
+    spec = _train_split_bad(make_custom(tmp_path / "d", label_suffix="_mask"))
     recipe = custom_recipe(data_root, spec, "solver.batch_size=1", "solver.max_iters=5")
     with pytest.raises(UserError, match="no training sample could be read in 5 steps in a row"):
         train(recipe, run_dir=tmp_path / "run", quiet=True)

@@ -184,12 +184,11 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
     result = predict_files(loaded, info, files, task=task, out=out, device=dev, batch_size=batch_size,
                            precision=precision, overlays=overlays, rle=rle)
     n_ok = len(result["images"])
+    if n_ok == 0 and result["skipped"]:
+        raise UserError(f"none of the {len(files)} inputs could be read as an image (first: "
+                        f"{result['skipped'][0]['error']}); see {out / 'manifest.json'}")
     console.print(f"predicted {n_ok}/{len(files)} images -> {out}")
     if result["skipped"]:
-        first = result["skipped"][0]
-        if n_ok == 0:
-            raise UserError(f"none of the {len(files)} inputs could be read as an image (first: {first['error']}); "
-                            f"see {out / 'manifest.json'}")
         console.print(f"[yellow]skipped {len(result['skipped'])} unreadable input(s):[/] "
                       + ", ".join(s["file"] for s in result["skipped"][:10]))
 

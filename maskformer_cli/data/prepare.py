@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -159,6 +160,7 @@ def _name_members(message: str, extracted: dict[Path, Path]) -> str:
     """Rewrite paths inside the staging copy of an archive as 'ARCHIVE member MEMBER' (the staging folder is
     deleted when the preparation stops, so its paths would name nothing the user can find)."""
     for folder, archive in extracted.items():
+        message = re.sub(re.escape(str(folder)) + r"(?=$|[\s:;,'\")])", lambda _m, a=archive: str(a), message)
         prefix = f"{folder}{os.sep}"
         while prefix in message:
             start = message.index(prefix)

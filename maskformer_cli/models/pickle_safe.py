@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,11 @@ def load_torch_weights_only(path: str | Path, map_location: Any = "cpu", what: s
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not support before refusing or loading: noise for a
+            # user whose file either loads or gets the one-line error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         text = str(e)
         if "weights_only" in text or "Unsupported global" in text:

@@ -334,8 +334,29 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
+def _check_model_and_loss(recipe: Recipe) -> None:
+    """Options the chosen model cannot honour are errors at load time, not silently ignored."""
+    m, loss = recipe.model, recipe.loss
+    arch = m.meta_architecture
+    if arch != "maskformer":
+        if m.box_head:
+            raise ConfigError(f"model.box_head: {arch} has no box head (it is for MaskFormer with loss.matcher=box)")
+        if loss.matcher != "hungarian":
+            raise ConfigError(f"loss.matcher={loss.matcher}: {arch} classifies pixels and matches nothing "
+                              f"(MaskFormer-fixed is meta_architecture=maskformer with loss.matcher=fixed)")
+        if loss.num_points:
+            raise ConfigError(f"loss.num_points: {arch}'s per-pixel loss uses every pixel; point sampling is for "
+                              f"MaskFormer's mask loss")
+    elif loss.per_pixel_loss != "ce":
+        raise ConfigError("loss.per_pixel_loss is the loss of the per-pixel baselines; MaskFormer's mask loss is "
+                          "set by loss.focal_weight / loss.dice_weight")
+
+
 def validate(obj: Any, prefix: str = "") -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express, and (for a whole Recipe) options its model cannot
+    honour."""
+    if isinstance(obj, Recipe):
+        _check_model_and_loss(obj)
     positive = {
         ModelConfig: ["conv_dim", "mask_dim", "hidden_dim", "num_queries", "nheads", "dim_feedforward", "dec_layers"],
         SolverConfig: ["max_iters", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"],

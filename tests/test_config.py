@@ -77,3 +77,18 @@ def test_test_time_sizes_are_validated(override, match):
     with pytest.raises(ConfigError, match=match):  # evaluate / predict overrides go through the same checks
         override_recipe(load_recipe(None), [override])
     load_recipe(None, ["data.test_short_side=0", "inference.tta_scales=[1.0]"])  # 0: the image's own size
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.meta_architecture=per_pixel_baseline", "model.box_head=true"], "model.box_head: per_pixel_baseline"),
+    (["model.meta_architecture=per_pixel_baseline_plus", "loss.matcher=fixed"], "loss.matcher=fixed"),
+    (["model.meta_architecture=per_pixel_baseline", "loss.num_points=100"], "loss.num_points"),
+    (["loss.per_pixel_loss=focal_dice"], "loss.per_pixel_loss"),
+])
+def test_options_the_model_cannot_honour_are_load_errors(overrides, message):
+    """Before, each of these was silently ignored by the model or the loss that was built."""
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(None, overrides)
+    # the same options where they mean something still load
+    assert load_recipe(None, ["model.meta_architecture=per_pixel_baseline_plus", "loss.per_pixel_loss=focal_dice"])
+    assert load_recipe(None, ["model.box_head=true", "loss.matcher=box", "loss.num_points=100"])

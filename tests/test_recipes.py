@@ -200,6 +200,32 @@ def test_header_names_table_paper_gpus_and_launch(path):
     assert "Weights" in h and "imagenet" in " ".join(h["Weights"])
 
 
+# The numbers of the draft paper's tables (shared/paper/001: Table 1 ADE20K val mIoU s.s. / m.s. with std,
+# Table 2 Cityscapes m.s. mIoU and PQ^St / SQ^St / RQ^St, Table 3 COCO panoptic PQ), copied from the tables
+# themselves, not from the headers. Each header must state its row's numbers as they stand there.
+DRAFT_TABLES = {
+    "ade20k/per_pixel_baseline_r50": "draft Table 1: 39.2 ± 0.2 / 40.9 ± 0.1",
+    "ade20k/per_pixel_baseline_plus_r50": "draft Table 1: 41.9 ± 0.2 / 42.9 ± 0.3",
+    "ade20k/maskformer_r50": "draft Table 1: 44.4 ± 0.5 / 46.6 ± 0.6",
+    "ade20k/maskformer_r101": "draft Table 1: 45.1 ± 0.5 / 47.1 ± 0.2",
+    "ade20k/maskformer_r101c": "draft Table 1: 45.9 ± 0.1 / 48.0 ± 0.2",
+    "ade20k/maskformer_swin_tiny": "draft Table 1: 46.7 ± 0.7 / 48.8 ± 0.6",
+    "ade20k/maskformer_swin_small": "draft Table 1: 49.8 ± 0.4 / 51.0 ± 0.4",
+    "ade20k/maskformer_swin_base": "draft Table 1: 52.7 ± 0.4 / 54.0 ± 0.2",
+    "ade20k/maskformer_swin_large": "draft Table 1: 54.1 ± 0.2 / 55.6 ± 0.1",
+    "cityscapes/maskformer_r101": "draft Table 2a: 80.5 ± 0.1 m.s.; Table 2b: PQ^St 65.9, SQ^St 81.5, RQ^St 79.7",
+    "cityscapes/maskformer_r101c": "draft Table 2a: 81.4 ± 0.2 m.s.; Table 2b: PQ^St 66.9, SQ^St 82.0, RQ^St 80.5",
+    "coco-panoptic/maskformer_r50_6enc": "draft Table 3: 44.3",
+    "coco-panoptic/maskformer_r101_6enc": "draft Table 3: 45.7",
+}
+
+
+@pytest.mark.parametrize("stem", sorted(DRAFT_TABLES))
+def test_header_numbers_are_the_draft_tables(stem):
+    paper = " ".join(" ".join(header(RECIPES / f"{stem}.yaml")["Paper"]).split())
+    assert DRAFT_TABLES[stem] in paper, (stem, paper)
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 K_TINY = 5

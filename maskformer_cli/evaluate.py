@@ -15,7 +15,7 @@ from maskformer_cli import distributed as dist
 from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.postprocess import channels_last_default
-from maskformer_cli.precision import PRECISIONS
+from maskformer_cli.precision import check_precision
 from maskformer_cli.reporting import (
     console,
     metrics_table,
@@ -68,8 +68,7 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         raise UserError("key=value overrides change how a checkpoint is evaluated: give a checkpoint")
     if query_stats and checkpoint is None:
         raise UserError("--query-stats needs a checkpoint (it runs the model's queries over the split)")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
     if predictions is not None:

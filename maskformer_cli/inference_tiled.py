@@ -172,13 +172,10 @@ def weighted_mask_argmax(
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
     tile_pixels: int = TILE_PIXELS,
-    *,
-    sigmoid: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax_i weights_i * sigmoid(m_i) per pixel (ties: lowest i), and each mask's binary area.
 
-    weights: [N]; mask_logits: [N, h, w] (the kept queries). With sigmoid=False the argmax is over the raw
-    logits (DETR's post-processing; weights ignored). Returns (assignment [H, W] int64 in 0..N-1,
+    weights: [N]; mask_logits: [N, h, w] (the kept queries). Returns (assignment [H, W] int64 in 0..N-1,
     binary_area [N] int64: pixels where sigmoid(m_i) >= 0.5, as the reference thresholds the probability).
     N must be > 0.
     """
@@ -188,12 +185,9 @@ def weighted_mask_argmax(
     area = torch.zeros(n, dtype=torch.int64, device=mask_logits.device)
     w = weights.view(-1, 1, 1)
     for y0, y1, band in row_tiles(mask_logits, image_size, padded_size, output_size, tile_pixels):
-        if sigmoid:
-            probs = band.sigmoid_()
-            area += (probs >= 0.5).flatten(1).sum(1)
-            assignment[y0:y1] = (w * probs).argmax(0)
-        else:
-            assignment[y0:y1] = band.argmax(0)
+        probs = band.sigmoid_()
+        area += (probs >= 0.5).flatten(1).sum(1)
+        assignment[y0:y1] = (w * probs).argmax(0)
     return assignment, area
 
 

@@ -10,6 +10,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AMP_DTYPES)
 
 
+def check_precision(precision: str) -> str:
+    """A --precision value from the command line, or one UserError naming the choices."""
+    from maskformer_cli.errors import UserError
+
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision context for the forward pass ('fp32' = no autocast)."""
     if precision == "fp32":

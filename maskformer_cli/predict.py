@@ -35,7 +35,7 @@ import torch
 from maskformer_cli.config import override_recipe
 from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
-from maskformer_cli.precision import PRECISIONS
+from maskformer_cli.precision import check_precision
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries
 
 TASKS = ("semantic", "panoptic", "instance")
@@ -157,8 +157,7 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
         raise UserError(f"--task {task!r}: choose semantic, panoptic or instance")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     files = collect_inputs(inputs)
     prepare_out(out, exist_ok)  # before the model loads: a wrong --out fails in a second, not a minute
     dev = resolve_device(device)

@@ -89,10 +89,9 @@ def run_info(
 
     measured_fps = None
     if fps:
-        from maskformer_cli.precision import PRECISIONS
+        from maskformer_cli.precision import check_precision
 
-        if precision not in PRECISIONS:
-            raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
         fh, fw = parse_size(fps_size) if fps_size else (recipe.data.test_short_side or h,) * 2
         measured_fps = images_per_second(model, recipe, k, (fh, fw), device=device, precision=precision)
 

@@ -216,7 +216,7 @@ def evaluate(
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name or custom spec YAML.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
-    metric: Annotated[str, typer.Option(help="miou | pq | pq-stuff | all")] = "all",
+    metric: Annotated[str, typer.Option(help="miou | pq | pq-stuff | all | cityscapes (the benchmark's class/category IoU and iIoU via cityscapesscripts)")] = "all",
     inference: Annotated[
         str | None, typer.Option(help="semantic | general | iterative | panoptic (default: the recipe's).")
     ] = None,

@@ -14,6 +14,7 @@ import torch
 from maskformer_cli import distributed as dist
 from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
+from maskformer_cli.metrics_cityscapes import LABEL_IDS_DIR, LabelIdWriter
 from maskformer_cli.postprocess import channels_last_default
 from maskformer_cli.precision import check_precision
 from maskformer_cli.reporting import (
@@ -25,6 +26,9 @@ from maskformer_cli.reporting import (
 )
 
 METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
+# `--metric cityscapes`: our mIoU and, through cityscapesscripts, the benchmark's class / category IoU and iIoU
+OFFICIAL = "cityscapes"
+METRIC_CHOICES = "miou, pq, pq-stuff, cityscapes or all"
 INFERENCE = ("semantic", "general", "iterative", "panoptic")
 
 
@@ -38,7 +42,7 @@ def _metrics_for(metric: str, task: str, mask_classification: bool, tta: bool = 
         chosen = ("miou", "pq-stuff") + (("pq",) if task == "panoptic" and mask_classification else ())
         return chosen
     if metric not in METRICS:
-        raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
+        raise UserError(f"--metric {metric!r}: choose {METRIC_CHOICES}")
     if metric == "pq" and task != "panoptic":
         raise UserError("--metric pq needs a panoptic dataset (instance-level ground truth); use pq-stuff for "
                         "semantic datasets")
@@ -69,6 +73,11 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     if query_stats and checkpoint is None:
         raise UserError("--query-stats needs a checkpoint (it runs the model's queries over the split)")
     check_precision(precision)
+    official = metric == OFFICIAL
+    if official:
+        metric = "miou"
+        if tta or query_stats:
+            raise UserError("--metric cityscapes scores single-scale label maps: drop --tta / --query-stats")
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
     if predictions is not None:
@@ -77,18 +86,26 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
                             "are evaluated without a model)")
         if dataset is None:
             raise UserError("--predictions needs --dataset (the ground truth to compare with)")
+        if official:
+            from maskformer_cli.data.catalog import get_dataset_info
+
+            _require_cityscapes(get_dataset_info(dataset))
         metrics = evaluate_saved_predictions(predictions, dataset=dataset, split=split, metric=metric,
                                              limit=limit)
+        if official:
+            _merge_official(metrics, _official_of_saved(predictions, dataset=dataset, split=split, limit=limit))
         meta = {"predictions": str(predictions)}
     else:
         if checkpoint is None:
             raise UserError("give a checkpoint to evaluate, or --predictions DIR --dataset NAME")
+        out = out or default_out(checkpoint, split)
         dinfo = dist.init_distributed(device)
         try:
             metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
                                                  inference=inference, tta=tta, batch_size=batch_size,
                                                  limit=limit, device=dinfo.device, overrides=overrides,
-                                                 precision=precision)
+                                                 precision=precision,
+                                                 label_ids_dir=out / LABEL_IDS_DIR if official else None)
         finally:
             dist.cleanup()
         if not dinfo.is_main:
@@ -112,7 +129,9 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
 
 
 def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device,
-                         overrides=(), precision: str = "fp32"):
+                         overrides=(), precision: str = "fp32", label_ids_dir: Path | None = None):
+    """Metrics and run facts of a checkpoint on a split; with `label_ids_dir` (a Cityscapes model) the label
+    maps are also written there as labelId PNGs and scored by cityscapesscripts (see metrics_cityscapes)."""
     from maskformer_cli.data.build import build_eval_loader, dataset_info
     from maskformer_cli.engine import evaluate
     from maskformer_cli.models.flops import count_flops
@@ -141,14 +160,22 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
                       "(as the paper reports it)", highlight=False)
     if inference == "panoptic" and "pq" not in metrics_wanted:
         raise UserError("--inference panoptic produces panoptic segments: use --metric pq")
+    official = None
+    if label_ids_dir is not None:
+        _require_cityscapes(info)
+        official = LabelIdWriter(label_ids_dir)
     loader = build_eval_loader(recipe.data, info, split=split, batch_size=batch_size, rank=dist.get_rank(),
                                world_size=dist.get_world_size(), limit=limit, task=task)
     total = len(loader.dataset)
     t0 = time.perf_counter()
     with progress_bar("evaluate", total, enabled=dist.is_main()) as bar:
         task_id = bar.add_task("evaluate", total=total)
-        metrics = evaluate(loaded.model, loader, metrics_wanted, pp, device=device, class_names=info.classes, on_batch=lambda n: bar.advance(task_id, n * dist.get_world_size()))
+        metrics = evaluate(loaded.model, loader, metrics_wanted, pp, device=device, class_names=info.classes,
+                           on_batch=lambda n: bar.advance(task_id, n * dist.get_world_size()),
+                           on_prediction=official)
     seconds = time.perf_counter() - t0
+    if official is not None:
+        _merge_official(metrics, official.scores())
     params = sum(p.numel() for p in loaded.model.parameters())
     h = w = recipe.data.test_short_side or recipe.data.crop_size[0]
     flops = count_flops(loaded.model, torch.zeros(1, 3, h, w, device=device))
@@ -159,6 +186,58 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
             "metrics": list(metrics_wanted), "tta_metrics": [m for m in metrics_wanted if m != "pq"] if pp.tta else [],
             "recipe": json.loads(json.dumps(_plain(recipe)))}
     return metrics, meta
+
+
+def _merge_official(metrics: dict[str, Any], official: dict[str, Any]) -> None:
+    """Add the official Cityscapes scores to `metrics`; their per-class iIoU joins the per-class rows."""
+    per_class = official.pop("per_class_official", {})
+    metrics.update(official)
+    for row in metrics.get("per_class") or []:
+        if row.get("name") in per_class:
+            row["iIoU"] = per_class[row["name"]][1]
+
+
+def _require_cityscapes(info):
+    if info.name != "cityscapes":
+        raise UserError(f"--metric cityscapes is the Cityscapes benchmark's scoring; dataset '{info.name}' is "
+                        "not Cityscapes (use miou / pq-stuff)")
+    return info
+
+
+def _official_of_saved(pred_dir: Path, *, dataset: str, split: str, limit: int | None) -> dict[str, Any]:
+    """The official Cityscapes scores of `maskformer predict` output: labelIds/ PNGs (predict --dataset
+    cityscapes) when present, else the trainId label maps converted to labelIds in a temporary folder."""
+    import tempfile
+
+    from PIL import Image
+
+    from maskformer_cli.data.catalog import get_dataset_info
+    from maskformer_cli.metrics_cityscapes import frame_key, ground_truth_pairs, official_scores, to_label_ids
+
+    info = _require_cityscapes(get_dataset_info(dataset))
+    if split not in info.sem_seg:
+        raise UserError(f"Cityscapes has no labelled split '{split}' (train, val)")
+    gt_files = ground_truth_pairs(_dataset_base(info) / info.sem_seg[split][1], limit)
+    keys = {frame_key(g.name) for g in gt_files}
+    label_ids = pred_dir / LABEL_IDS_DIR
+    if label_ids.is_dir():
+        return official_scores({frame_key(p.stem): p for p in label_ids.glob("*.png")}, gt_files)
+    with tempfile.TemporaryDirectory() as tmp:
+        preds = {}
+        for key in sorted(keys):
+            found = [p for p in (*pred_dir.glob(f"{key}*.png"), *(pred_dir / "labels").glob(f"{key}*.png"))]
+            if found:
+                with Image.open(found[0]) as im:
+                    preds[key] = Path(tmp) / found[0].name
+                    Image.fromarray(to_label_ids(np.array(im))).save(preds[key])
+        return official_scores(preds, gt_files)
+
+
+def _dataset_base(info) -> Path:
+    """The dataset's folder for saved-prediction evaluation ($MASKFORMER_DATASETS, or a custom spec's root)."""
+    from maskformer_cli.data.catalog import datasets_root
+
+    return Path(info.root) if info.root else datasets_root() / info.dirname
 
 
 def _plain(recipe):
@@ -179,13 +258,13 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     PNGs (`predict --task panoptic` writes both). One Evaluator holds them, so `per_class` has one row per
     class with the semantic (IoU, Acc, *_stuff) and panoptic (PQ, SQ, RQ, TP, FP, FN) columns side by side.
     """
-    from maskformer_cli.data.catalog import datasets_root, get_dataset_info
+    from maskformer_cli.data.catalog import get_dataset_info
     from maskformer_cli.engine import Evaluator
 
     if metric != "all" and metric not in METRICS:
-        raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
+        raise UserError(f"--metric {metric!r}: choose {METRIC_CHOICES}")
     info = get_dataset_info(dataset)
-    base = Path(info.root) if info.root else datasets_root() / info.dirname
+    base = _dataset_base(info)
     if not pred_dir.is_dir():
         raise UserError(f"--predictions {pred_dir}: not a directory")
     pan_json = pred_dir / "panoptic.json"

@@ -9,6 +9,8 @@ the inputs' common folder, `a/x.jpg` -> `a__x`; manifest.json maps every input t
   panoptic/<name>.png     (panoptic) COCO panoptic PNG, id = R + 256 G + 256^2 B; panoptic.json alongside
   instances.json          (instance; panoptic with --rle) COCO results with RLE masks and scores
   semantic_rle.json       (semantic with --rle) one COCO RLE per class present per image
+  labelIds/<stem>.png     (--dataset cityscapes) the label map in Cityscapes labelIds, named by the input's
+                          own stem, as the evaluation server and cityscapesscripts expect (zip the folder)
   manifest.json           per-image status, sizes and milliseconds; unreadable inputs listed as skipped
 The JSON files use the dataset's category ids (COCO: 1..200; without a dataset 1..K), as COCO tools
 expect; the label PNGs use the contiguous ids 0..K-1 that training and `evaluate --predictions` use.
@@ -35,13 +37,14 @@ import torch
 from maskformer_cli.config import override_recipe
 from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
+from maskformer_cli.metrics_cityscapes import LABEL_IDS_DIR, result_name, to_label_ids, train_id_to_label_id
 from maskformer_cli.precision import check_precision
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries
 
 TASKS = ("semantic", "panoptic", "instance")
 # What a predict run writes: replaced as a whole with --exist-ok, so no file of an earlier run survives
 # to be mistaken for this one's (e.g. an old panoptic.json beside new semantic labels).
-OUTPUTS = ("overlays", "labels", "panoptic", "panoptic.json", "instances.json", "semantic_rle.json",
+OUTPUTS = ("overlays", "labels", "labelIds", "panoptic", "panoptic.json", "instances.json", "semantic_rle.json",
            "manifest.json")
 
 
@@ -268,7 +271,10 @@ class _Writer:
         self.manifest: list[dict] = []
         self.pan_anns: list[dict] = []
         self.rle_results: list[dict] = []
-        for sub in ("labels",) + (("overlays",) if overlays else ()) + (("panoptic",) if task == "panoptic" else ()):
+        # Cityscapes' benchmark reads labelIds, not the trainIds the model predicts
+        self.label_ids = train_id_to_label_id() if info.name == "cityscapes" else None
+        for sub in ("labels",) + (("overlays",) if overlays else ()) + (("panoptic",) if task == "panoptic" else ()) + (
+                (LABEL_IDS_DIR,) if self.label_ids is not None else ()):
             (out / sub).mkdir(exist_ok=True)
 
     def write(self, pred: dict, meta: dict, path: Path, stem: str, ms: float) -> None:
@@ -278,6 +284,8 @@ class _Writer:
         h, w = img.shape[:2]
         labels = pred["sem_seg"].numpy()
         _save_label_png(labels, self.info.num_classes, self.out / "labels" / f"{stem}.png")
+        if self.label_ids is not None:
+            Image.fromarray(to_label_ids(labels, self.label_ids)).save(self.out / LABEL_IDS_DIR / result_name(path.stem))
         ov = None
         if "panoptic" in pred:
             pan, segments = pred["panoptic"]

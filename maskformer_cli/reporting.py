@@ -188,7 +188,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True, unit
 
 
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mAcc", "pAcc", "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st",
-                "RQ_st", "PQ_stuff", "SQ_stuff", "RQ_stuff")
+                "RQ_st", "PQ_stuff", "SQ_stuff", "RQ_stuff", "IoU_class", "iIoU_class", "IoU_category", "iIoU_category")
 
 
 def metrics_table(metrics: dict[str, Any], title: str = "results") -> Table:
@@ -207,7 +207,7 @@ def metrics_table(metrics: dict[str, Any], title: str = "results") -> Table:
 
 def per_class_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="per class")
-    keys = [k for k in ("IoU", "Acc", "PQ", "SQ", "RQ", "PQ_stuff") if any(k in r for r in rows)]
+    keys = [k for k in ("IoU", "iIoU", "Acc", "PQ", "SQ", "RQ", "PQ_stuff") if any(k in r for r in rows)]
     table.add_column("id", justify="right")
     table.add_column("class")
     for k in keys:

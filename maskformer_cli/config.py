@@ -300,8 +300,9 @@ def suggest(key: str, options: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build the frozen dataclass `cls` from a nested dict, strictly."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", *, unused_checks: bool = True) -> Any:
+    """Build the frozen dataclass `cls` from a nested dict, strictly. unused_checks=False skips the checks
+    for options the model does not use (a recipe saved with a checkpoint trained before they existed)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
     hints = _field_types(cls)
@@ -317,7 +318,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[key] = _coerce(value, tp, full)
     obj = cls(**kwargs)
-    validate(obj, prefix)
+    validate(obj, prefix, unused_checks=unused_checks)
     return obj
 
 
@@ -352,11 +353,74 @@ def _check_model_and_loss(recipe: Recipe) -> None:
                           "set by loss.focal_weight / loss.dice_weight")
 
 
-def validate(obj: Any, prefix: str = "") -> None:
+# Keys of the transformer module (Fig. 2's transformer decoder and segmentation module): PerPixelBaseline has none.
+_TRANSFORMER_KEYS = ("hidden_dim", "num_queries", "nheads", "dim_feedforward", "dec_layers", "dropout", "pre_norm",
+                     "dec_self_attn", "enforce_input_project", "deep_supervision")
+
+
+def _check_unused_model_options(m: ModelConfig) -> None:
+    """A model option set away from its default on a model that has no use for it is an error: the run would
+    otherwise train something other than the recipe says. Defaults stay accepted, so recipes and checkpoints
+    that list every key still load. (PerPixelBaseline's transformer keys: `inert_options`.)"""
+    default = ModelConfig()
+
+    def changed(*keys: str) -> list[str]:
+        return [k for k in keys if getattr(m, k) != getattr(default, k)]
+
+    if m.pixel_decoder == "fpn" and changed("encoder_layers"):
+        raise ConfigError("model.encoder_layers: the fpn pixel decoder has no transformer encoder; use "
+                          "pixel_decoder=transformer_encoder_fpn (the '+6 Enc' rows)")
+    swin, timm = m.backbone.startswith("swin"), m.backbone.startswith("timm:")
+    if not swin and changed("swin_window_size", "drop_path_rate"):
+        raise ConfigError(f"model.{changed('swin_window_size', 'drop_path_rate')[0]}: a Swin backbone option; "
+                          f"backbone {m.backbone} does not use it")
+    resnet_only = changed("freeze_at") + ([] if timm and m.backbone_norm == "bn" else changed("backbone_norm"))
+    if (swin or timm) and resnet_only:
+        raise ConfigError(f"model.{resnet_only[0]}: an option of the ResNet backbones (resnet50, resnet101, "
+                          f"resnet101c); backbone {m.backbone} " + ("keeps its own trainable BatchNorm"
+                                                                    if timm else "uses LayerNorm"))
+
+
+def inert_options(recipe: Recipe) -> list[str]:
+    """`model.<key>=<value>` of the transformer-module keys that a PerPixelBaseline recipe sets away from their
+    defaults: it has no transformer module, so they do nothing. Not an error, because switching a MaskFormer
+    recipe to the baseline with one override (`model.meta_architecture=per_pixel_baseline`, as the ablations
+    do) carries them along; `train` and `ablate` print them so that nothing is ignored unsaid."""
+    m, default = recipe.model, ModelConfig()
+    if m.meta_architecture != "per_pixel_baseline":
+        return []
+    return [f"model.{k}={getattr(m, k)}" for k in _TRANSFORMER_KEYS if getattr(m, k) != getattr(default, k)]
+
+
+def _check_unused_loss_options(recipe: Recipe) -> None:
+    """As _check_unused_model_options, for the loss: weights of terms the chosen model and matcher never compute."""
+    loss, default = recipe.loss, LossConfig()
+    unused: tuple[str, ...] = ()
+    if recipe.model.meta_architecture != "maskformer":
+        unused = ("class_weight", "no_object_weight", "box_l1_weight", "box_giou_weight", "oversample_ratio",
+                  "importance_sample_ratio")
+        if loss.per_pixel_loss == "ce":
+            unused += ("focal_weight", "dice_weight", "focal_alpha", "focal_gamma")
+        why = f"{recipe.model.meta_architecture} trains with loss.per_pixel_loss={loss.per_pixel_loss} alone"
+    else:
+        if loss.matcher != "box":
+            unused += ("box_l1_weight", "box_giou_weight")
+        if not loss.num_points:
+            unused += ("oversample_ratio", "importance_sample_ratio")
+        why = "it weighs a box loss (loss.matcher=box) or point sampling (loss.num_points > 0) not in use"
+    changed = [k for k in unused if getattr(loss, k) != getattr(default, k)]
+    if changed:
+        raise ConfigError(f"loss.{changed[0]}: {why}")
+
+
+def validate(obj: Any, prefix: str = "", *, unused_checks: bool = True) -> None:
     """Range checks that types alone cannot express, and (for a whole Recipe) options its model cannot
     honour."""
     if isinstance(obj, Recipe):
         _check_model_and_loss(obj)
+        if unused_checks:
+            _check_unused_model_options(obj.model)
+            _check_unused_loss_options(obj)
     positive = {
         ModelConfig: ["conv_dim", "mask_dim", "hidden_dim", "num_queries", "nheads", "dim_feedforward", "dec_layers"],
         SolverConfig: ["max_iters", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"],
@@ -483,8 +547,9 @@ def override_recipe(recipe: Recipe, overrides: list[str] | tuple[str, ...],
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Rebuild a recipe saved in a checkpoint or a run's config.yaml."""
-    return from_dict(Recipe, data)
+    """Rebuild a recipe saved in a checkpoint or a run's config.yaml (it trained as it was: options its model
+    does not use are not refused here)."""
+    return from_dict(Recipe, data, unused_checks=False)
 
 
 def with_absolute_dataset_spec(recipe: Recipe) -> Recipe:

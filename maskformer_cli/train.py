@@ -32,7 +32,14 @@ from maskformer_cli.checkpoint import (
 from maskformer_cli.checkpoint import (
     load as load_checkpoint,
 )
-from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
+from maskformer_cli.config import (
+    Recipe,
+    dump_recipe,
+    inert_options,
+    load_recipe,
+    to_dict,
+    with_absolute_dataset_spec,
+)
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
 from maskformer_cli.engine import default_metrics, evaluate, train_step, unwrap
@@ -207,6 +214,9 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
         raise UserError(f"solver.batch_size={s.batch_size} is not divisible by world size {world} x "
                         f"grad_accum {s.grad_accum}")
     per_rank = s.batch_size // (world * s.grad_accum)
+    inert = inert_options(recipe)
+    if inert:
+        _notice(log, f"{recipe.model.meta_architecture} has no transformer module: {', '.join(inert)} do nothing")
 
     info = dataset_info(recipe.data)
     train_set = build_train_dataset(recipe.data, info)

@@ -84,6 +84,14 @@ def test_test_time_sizes_are_validated(override, match):
     (["model.meta_architecture=per_pixel_baseline_plus", "loss.matcher=fixed"], "loss.matcher=fixed"),
     (["model.meta_architecture=per_pixel_baseline", "loss.num_points=100"], "loss.num_points"),
     (["loss.per_pixel_loss=focal_dice"], "loss.per_pixel_loss"),
+    (["model.encoder_layers=3"], "model.encoder_layers: the fpn pixel decoder"),
+    (["model.drop_path_rate=0.1"], "model.drop_path_rate: a Swin backbone option"),
+    (["model.backbone=swin_tiny", "model.freeze_at=1"], "model.freeze_at: an option of the ResNet"),
+    (["model.backbone=timm:resnet18", "model.backbone_norm=gn"], "model.backbone_norm: an option of the ResNet"),
+    (["model.meta_architecture=per_pixel_baseline", "loss.class_weight=2"], "loss.class_weight: per_pixel_baseline"),
+    (["model.meta_architecture=per_pixel_baseline_plus", "loss.dice_weight=2"], "loss.dice_weight"),
+    (["loss.box_l1_weight=1"], "loss.box_l1_weight"),
+    (["loss.oversample_ratio=2"], "loss.oversample_ratio"),
 ])
 def test_options_the_model_cannot_honour_are_load_errors(overrides, message):
     """Before, each of these was silently ignored by the model or the loss that was built."""
@@ -92,3 +100,37 @@ def test_options_the_model_cannot_honour_are_load_errors(overrides, message):
     # the same options where they mean something still load
     assert load_recipe(None, ["model.meta_architecture=per_pixel_baseline_plus", "loss.per_pixel_loss=focal_dice"])
     assert load_recipe(None, ["model.box_head=true", "loss.matcher=box", "loss.num_points=100"])
+    assert load_recipe(None, ["model.backbone=swin_tiny", "model.drop_path_rate=0.1", "model.swin_window_size=12"])
+    assert load_recipe(None, ["model.pixel_decoder=transformer_encoder_fpn", "model.encoder_layers=3",
+                              "loss.box_l1_weight=1", "loss.matcher=box", "model.box_head=true"])
+    assert load_recipe(None, ["model.backbone=timm:resnet18", "model.backbone_norm=bn"])  # what timm does anyway
+
+
+
+def test_per_pixel_baseline_transformer_keys_are_announced_not_refused(tmp_path, capsys):
+    """Switching a MaskFormer recipe to the baseline by one override carries its transformer keys along: they
+    load, and are named (train prints them) since the baseline has no transformer module."""
+    from maskformer_cli.config import inert_options, recipe_from_dict, to_dict
+
+    r = load_recipe(None, ["model.meta_architecture=per_pixel_baseline", "model.deep_supervision=false",
+                           "model.dec_layers=3"])
+    assert inert_options(r) == ["model.dec_layers=3", "model.deep_supervision=False"]
+    assert inert_options(load_recipe(None, ["model.dec_layers=3"])) == []  # MaskFormer uses them
+    assert inert_options(load_recipe(None, ["model.meta_architecture=per_pixel_baseline"])) == []
+    # a recipe saved with a checkpoint loads even when it holds an option the newer checks refuse
+    saved = to_dict(load_recipe(None))
+    saved["model"]["encoder_layers"] = 2
+    assert recipe_from_dict(saved).model.encoder_layers == 2
+    with pytest.raises(ConfigError, match="encoder_layers"):
+        load_recipe(None, ["model.encoder_layers=2"])
+
+
+def test_per_pixel_baseline_plus_has_one_query_per_class():
+    from maskformer_cli.errors import UserError
+    from maskformer_cli.models import build_model
+
+    cfg = load_recipe(None, ["model.meta_architecture=per_pixel_baseline_plus", "model.backbone=timm:test_resnet",
+                             "model.num_queries=4"]).model
+    with pytest.raises(UserError, match="one query per class; set it to 5"):
+        build_model(cfg, 5)
+    assert build_model(cfg, 4) is not None

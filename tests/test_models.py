@@ -305,7 +305,7 @@ VARIANTS = {
     "no_deep_supervision": {"deep_supervision": False},
     "pre_norm_input_project": {"pre_norm": True, "enforce_input_project": True},
     "per_pixel_baseline": {"meta_architecture": "per_pixel_baseline"},
-    "per_pixel_baseline_plus": {"meta_architecture": "per_pixel_baseline_plus"},
+    "per_pixel_baseline_plus": {"meta_architecture": "per_pixel_baseline_plus", "num_queries": K},
 }
 
 
@@ -431,7 +431,7 @@ PAPER_PARAMS = {  # paper Table 1, ADE20K-150 (M)
     "maskformer_r50": ({}, 41),
     "maskformer_r101": ({"backbone": "resnet101"}, 60),
     "per_pixel_baseline_r50": ({"meta_architecture": "per_pixel_baseline"}, 31),
-    "per_pixel_baseline_plus_r50": ({"meta_architecture": "per_pixel_baseline_plus"}, 41),
+    "per_pixel_baseline_plus_r50": ({"meta_architecture": "per_pixel_baseline_plus", "num_queries": 150}, 41),
     "maskformer_swin_tiny": ({"backbone": "swin_tiny"}, 42),
     "maskformer_swin_small": ({"backbone": "swin_small"}, 63),
 }
@@ -470,7 +470,7 @@ def test_info_command_prints_parameters_and_flops():
 
     from maskformer_cli.cli import app
 
-    overrides = [f"model.{k}={v}" for k, v in TINY.items()]
+    overrides = [f"model.{k}={v}" for k, v in TINY.items() if k != "encoder_layers"]  # fpn: no encoder
     r = CliRunner().invoke(app, ["info", *overrides, "--num-classes", "7", "--size", "64x96"])
     assert r.exit_code == 0, r.output
     assert "total" in r.output and "FLOPs" in r.output and "K=7" in r.output
@@ -480,7 +480,7 @@ def test_run_info_numbers_and_class_count(tmp_path):
     from maskformer_cli.summary import run_info
 
     recipe = tmp_path / "r.yaml"
-    model = {k: v for k, v in TINY.items()}
+    model = {k: v for k, v in TINY.items() if k != "encoder_layers"}  # the fpn decoder has no encoder
     import yaml
 
     recipe.write_text(yaml.safe_dump({"model": model, "data": {"dataset": "synthetic", "synthetic_num_classes": 7}}))

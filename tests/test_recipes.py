@@ -64,6 +64,8 @@ def test_every_paper_row_and_ablation_ships():
         "maskformer_swin_large")}
     expected |= {"recipes/coco-stuff-10k/maskformer_r50.yaml", "recipes/ade20k-full/maskformer_r50.yaml",
                  "recipes/cityscapes/maskformer_r101.yaml", "recipes/cityscapes/maskformer_r101c.yaml",
+                 "recipes/cityscapes/maskformer_r50.yaml", "recipes/cityscapes/per_pixel_baseline_r50.yaml",
+                 "recipes/cityscapes/per_pixel_baseline_plus_r50.yaml",
                  "recipes/mapillary/maskformer_r50.yaml", "recipes/ade20k-panoptic/maskformer_r50_6enc.yaml",
                  "recipes/coco-panoptic/maskformer_r50_6enc.yaml", "recipes/coco-panoptic/maskformer_r101_6enc.yaml",
                  "recipes/coco-panoptic/maskformer_swin_tiny.yaml", "recipes/coco-panoptic/maskformer_swin_base.yaml",
@@ -384,3 +386,109 @@ def test_quickstart_header_agrees_with_the_readme_and_launches_with_train_only()
     for text in (f"mIoU {miou}", f"pixel accuracy {pacc}", f"PQ {pq}", f"PQ_st {pq_st}", f"PQ_th {pq_th}"):
         assert text in result, f"quickstart header Result: {result!r} lacks {text!r}"
     assert "prepare-data" not in " ".join(h["Launch"])
+
+
+# ------------------------------------------------------------------- every option does something, or is refused
+
+# one alternative value per option, valid at the tiny widths of tiny() (conv_dim and hidden_dim 32, nheads 2)
+MODEL_ALTERNATIVES = {"conv_dim": 64, "mask_dim": 16, "mask_feature_kernel": 1, "encoder_layers": 1,
+                      "hidden_dim": 16, "nheads": 4, "dim_feedforward": 48, "dropout": 0.3, "pre_norm": "flip",
+                      "dec_self_attn": "flip", "enforce_input_project": "flip", "deep_supervision": "flip",
+                      "num_queries": "+1", "dec_layers": "+1", "box_head": "flip"}
+LOSS_ALTERNATIVES = {"class_weight": 2.0, "focal_weight": 7.0, "dice_weight": 3.0, "no_object_weight": 0.3,
+                     "focal_alpha": 0.5, "focal_gamma": 1.0, "box_l1_weight": 1.0, "box_giou_weight": 1.0,
+                     "num_points": 64, "oversample_ratio": 2.0, "importance_sample_ratio": 0.5}
+
+
+def _alternative(value, how):
+    return (not value) if how == "flip" else value + 1 if how == "+1" else how
+
+
+def _tensors(obj):
+    """Every tensor in a model output (dataclasses, lists, dicts), in a fixed order."""
+    import dataclasses
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in _tensors(obj[k])]
+    return []
+
+
+def _model_fingerprint(cfg):
+    """Parameter names and shapes, and every output tensor of a train-mode forward pass, seeded."""
+    from maskformer_cli.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, K_TINY).train()
+    torch.manual_seed(1)
+    out = model(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return shapes, tuple((tuple(t.shape), round(float(t.detach().double().sum()), 6)) for t in _tensors(out))
+
+
+def _loss_fingerprint(recipe, cfg):
+    from maskformer_cli.criterion import build_criterion
+    from maskformer_cli.models import build_model
+    from maskformer_cli.structures import Target
+
+    torch.manual_seed(0)
+    out = build_model(cfg, K_TINY).train()(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, :40], masks[1, 40:] = True, True
+    torch.manual_seed(3)  # point sampling draws points
+    criterion = build_criterion(replace(recipe, model=cfg), K_TINY)
+    losses = criterion(out, [Target(classes=torch.tensor([0, 3]), masks=masks)])
+    losses["total"] = criterion.weighted_total(losses)  # the weights act here (and in matching costs)
+    return tuple((k, round(float(v), 6)) for k, v in sorted(losses.items()))
+
+
+RECIPES_BY_MODEL = _distinct((n, r) for n, r in ALL)  # one per distinct recipe (variants often repeat a base)
+
+
+@pytest.mark.parametrize("name, recipe", RECIPES_BY_MODEL, ids=[n for n, _ in RECIPES_BY_MODEL])
+def test_every_option_changes_the_model_or_loss_or_is_refused(name, recipe):
+    """Issue: PerPixelBaseline+ recipes said deep_supervision: true and the model ignored it. For every shipped
+    recipe and variant, each model and loss option set to another value must change what is built or
+    computed, be a load error, or (PerPixelBaseline's transformer keys) be announced by `train` as doing
+    nothing: nothing a recipe says is silently ignored."""
+    from maskformer_cli.config import ConfigError, inert_options, validate
+    from maskformer_cli.errors import UserError
+
+    def loads(r):
+        try:
+            validate(r)
+            return True
+        except ConfigError:
+            return False
+
+    base_cfg = tiny(recipe)
+    base_model, base_loss = _model_fingerprint(base_cfg), None
+    ignored = []
+    for key, how in MODEL_ALTERNATIVES.items():
+        changed = replace(recipe, model=replace(recipe.model, **{key: _alternative(getattr(recipe.model, key), how)}))
+        if not loads(changed) or f"model.{key}={getattr(changed.model, key)}" in inert_options(changed):
+            continue  # refused, or announced by `train` as doing nothing
+        cfg = replace(base_cfg, **{key: _alternative(getattr(base_cfg, key), how)})
+        if key == "enforce_input_project" and cfg.pixel_decoder == "fpn":
+            continue  # projects res5 only when it already has hidden_dim channels: no shipped backbone has
+        if key == "deep_supervision" and cfg.dec_layers == 1:
+            continue  # one decoder layer: the last is the only one to supervise either way
+        try:
+            fingerprint = _model_fingerprint(cfg)
+        except UserError:  # refused when built (PerPixelBaseline+ with N != K)
+            continue
+        if fingerprint == base_model:
+            ignored.append(f"model.{key}")
+    for key, value in LOSS_ALTERNATIVES.items():
+        changed = replace(recipe, loss=replace(recipe.loss, **{key: value}))
+        if not loads(changed):
+            continue
+        base_loss = base_loss or _loss_fingerprint(recipe, base_cfg)
+        if _loss_fingerprint(changed, base_cfg) == base_loss:
+            ignored.append(f"loss.{key}")
+    assert not ignored, f"{name}: options that change nothing yet load: {ignored}"

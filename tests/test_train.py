@@ -134,7 +134,7 @@ VARIANTS = {
     "one_decoder_layer": ["model.dec_layers=1"],
     "no_self_attention": ["model.dec_self_attn=false"],
     "per_pixel_baseline": ["model.meta_architecture=per_pixel_baseline"],
-    "per_pixel_baseline_plus": ["model.meta_architecture=per_pixel_baseline_plus"],
+    "per_pixel_baseline_plus": ["model.meta_architecture=per_pixel_baseline_plus", "model.num_queries=6"],
     "six_enc": ["model.pixel_decoder=transformer_encoder_fpn", "model.encoder_layers=1"],
     "point_loss": ["loss.num_points=64"],
     "grad_accum": ["solver.grad_accum=2", "solver.batch_size=4"],
@@ -219,7 +219,7 @@ def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
                  "solver.batch_size=4", "data.task=panoptic"]
     variants = {"maskformer": [], "no_self_attention": ["model.dec_self_attn=false"],
                 "box_matching": ["loss.matcher=box", "model.box_head=true"],
-                "per_pixel_baseline_plus": ["model.meta_architecture=per_pixel_baseline_plus"]}
+                "per_pixel_baseline_plus": ["model.meta_architecture=per_pixel_baseline_plus", "model.num_queries=6"]}
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

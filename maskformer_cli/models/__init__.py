@@ -39,6 +39,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     c = model_cfg
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
+    if c.meta_architecture == "per_pixel_baseline_plus" and c.num_queries != num_classes:
+        # its queries are the K class embeddings by construction: another N would be ignored
+        raise UserError(f"model.num_queries: PerPixelBaseline+ has one query per class; set it to {num_classes} "
+                        f"(got {c.num_queries})")
     backbone = build_backbone(
         c.backbone, pretrained=c.pretrained, norm=c.backbone_norm, freeze_at=c.freeze_at,
         window_size=c.swin_window_size, drop_path_rate=c.drop_path_rate,

@@ -531,3 +531,16 @@ def test_every_option_changes_the_model_or_loss_or_is_refused(name, recipe):
         if _loss_fingerprint(changed, base_cfg) == base_loss:
             ignored.append(f"loss.{key}")
     assert not ignored, f"{name}: options that change nothing yet load: {ignored}"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPE_FILES if load_recipe(p).model.backbone in ("resnet50", "resnet101")
+                                  and load_recipe(p).model.pretrained == "imagenet"], ids=rel)
+def test_resnet_headers_name_the_checksummed_imagenet_file(path):
+    """The file named is the one torchvision downloads (and checks by the sha256 prefix in its name)."""
+    import torchvision
+
+    enum = {"resnet50": torchvision.models.ResNet50_Weights, "resnet101": torchvision.models.ResNet101_Weights}
+    url = enum[load_recipe(path).model.backbone].IMAGENET1K_V1.url
+    name = url.rsplit("/", 1)[1]
+    weights = " ".join(header(path)["Weights"])
+    assert name in weights and f"sha256 prefix {name.split('-')[1].split('.')[0]}" in weights, weights

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from maskformer_cli import __version__
-from maskformer_cli.errors import NotBuiltError, UserError
+from maskformer_cli.errors import UserError
 
 app = typer.Typer(
     name="maskformer",
@@ -56,21 +56,6 @@ def _main(
     _state["verbose"] = verbose or bool(os.environ.get("MASKFORMER_VERBOSE"))
 
 
-def _command(module: str, func: str, what: str, issue: str):
-    """Import a command's implementation; a module that does not exist yet is a clear 'not built'."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"maskformer_cli.{module}")
-    except ModuleNotFoundError as e:
-        if e.name == f"maskformer_cli.{module}":
-            raise NotBuiltError(
-                f"'{what}' is not built yet in maskformer {__version__} (tracked in {issue})."
-            ) from None
-        raise
-    return getattr(mod, func)
-
-
 # ------------------------------------------------------------------------------------------------ info
 
 
@@ -93,7 +78,7 @@ def info(
 ) -> None:
     """Build the model of a recipe (no pretrained weights: nothing is downloaded) and print its summary:
     parameters per module, FLOPs and, with --fps, images per second (the paper's params / FLOPs / fps)."""
-    run_info = _command("summary", "run_info", "info", "issue #2")
+    from maskformer_cli.summary import run_info
     recipe, overrides, size = _info_inputs(recipe, overrides or [], size)
     run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops, fps=fps, fps_size=fps_size,
              device=device, precision=precision)
@@ -146,7 +131,7 @@ def prepare_data(
     seed: Annotated[int, typer.Option(help="synthetic: random seed.")] = 0,
 ) -> None:
     """Download (resumable, checksummed) and convert a dataset into the layout the tools read."""
-    run_prepare = _command("data.prepare", "run_prepare", "prepare-data", "issue #3")
+    from maskformer_cli.data.prepare import run_prepare
     run_prepare(
         name,
         root=root,
@@ -182,7 +167,7 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
-    run_train = _command("train", "run_train", "train", "issue #4")
+    from maskformer_cli.train import run_train
     if precision is not None:
         # One name per idea: the flag is a shorthand for the recipe key, validated by the config loader.
         overrides = [*(overrides or []), f"solver.precision={precision}"]
@@ -237,7 +222,7 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Compute mIoU, PQ and PQ-stuff of a checkpoint (or of saved predictions) on a dataset split."""
-    run_evaluate = _command("evaluate", "run_evaluate", "evaluate", "issue #5")
+    from maskformer_cli.evaluate import run_evaluate
     run_evaluate(
         checkpoint,
         dataset=dataset,
@@ -289,7 +274,7 @@ def predict(
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
-    run_predict = _command("predict", "run_predict", "predict", "issue #5")
+    from maskformer_cli.predict import run_predict
     run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [],
                 exist_ok=exist_ok, batch_size=batch_size, precision=precision, overlays=overlays, rle=rle)
 
@@ -315,7 +300,7 @@ def ablate(
     out: Annotated[Path | None, typer.Option(help="Output directory for the runs and the table.")] = None,
 ) -> None:
     """Train and evaluate every variant of an ablation and print the paper-style table."""
-    run_ablate = _command("ablate", "run_ablate", "ablate", "issue #6")
+    from maskformer_cli.ablate import run_ablate
     result = run_ablate(file, overrides or [], seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
     if result.stop_signal is not None:
         # Stopped by a signal (checkpoint saved): not finished, so not exit 0 (schedulers, `&&` chains).

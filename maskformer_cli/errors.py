@@ -4,6 +4,3 @@
 class UserError(Exception):
     """Bad input: a missing file, a wrong value, a corrupt archive. The message says what and where."""
 
-
-class NotBuiltError(UserError):
-    """A command or option that this version does not provide yet."""

@@ -7,15 +7,13 @@ shows the traceback.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from maskformer_cli import __version__
+from maskformer_cli import __version__, errors
 from maskformer_cli.errors import UserError
 
 app = typer.Typer(
@@ -26,8 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_state = {"verbose": False}
 
 # Shared options, defined once.
 Overrides = Annotated[
@@ -53,7 +49,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    _state["verbose"] = verbose or bool(os.environ.get("MASKFORMER_VERBOSE"))
+    errors.set_verbose(verbose)
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -310,27 +306,16 @@ def ablate(
 # ------------------------------------------------------------------------------------------ entrypoint
 
 
-def _original_message(e: UserError) -> str:
-    """The user's one line. A UserError raised in a DataLoader worker reaches here re-raised by torch with
-    the worker's whole traceback as its message: keep only the original error's text."""
-    text = str(e)
-    marker = "Original Traceback (most recent call last):"
-    if marker not in text:
-        return text
-    lines = [ln for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
-    return re.sub(r"^[\w.]+Error: ", "", lines[-1]) if lines else text
-
-
 def main() -> None:
     """Console entry point: run the app, turning known errors into one red line."""
     try:
         app()
     except UserError as e:
-        if _state["verbose"]:
+        if errors.verbose():
             raise
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {_original_message(e)}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {errors.one_line(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.metrics import PanopticMetrics, PQStuffMetrics, SemanticMetrics
+from maskformer_cli.metrics import SemanticMetrics
+from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
 from maskformer_cli.models import normalize
 from maskformer_cli.postprocess import PostProcessor
 from maskformer_cli.precision import autocast

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from maskformer_cli.config import override_recipe
-from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
 from maskformer_cli.precision import check_precision
 from maskformer_cli.reporting import console, overlay, progress_bar, segment_boundaries

@@ -36,7 +36,7 @@ from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, wit
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
 from maskformer_cli.engine import default_metrics, evaluate, train_step, unwrap
-from maskformer_cli.errors import UserError
+from maskformer_cli.errors import UserError, one_line, verbose
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
 from maskformer_cli.postprocess import build_postprocessor
@@ -61,30 +61,18 @@ def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_fro
             dist.cleanup()
     except UserError as e:
         # A rank of `train --gpus N`: the relaunching process prints the job's one line (rank 0's).
-        if launch.report_user_error(_one_line(e)) and not _verbose():
+        if launch.report_user_error(one_line(e)) and not verbose():
             raise SystemExit(1) from None
         raise
     except Exception:
         # A peer's UserError ended its process, which breaks this rank's collectives ("Connection closed"):
         # a consequence, not a second error worth a traceback.
-        if launch.peer_reported_user_error() and not _verbose():
+        if launch.peer_reported_user_error() and not verbose():
             raise SystemExit(1) from None
         raise
     if result.stop_signal is not None:
         # A stopped run is not a finished one: `train && evaluate` and schedulers must see the failure.
         raise SystemExit(128 + result.stop_signal)
-
-
-def _one_line(e: UserError) -> str:
-    from maskformer_cli.cli import _original_message  # the CLI's own reading of a UserError
-
-    return _original_message(e)
-
-
-def _verbose() -> bool:
-    """`maskformer -v`: tracebacks wanted, from every rank."""
-    cli = sys.modules.get("maskformer_cli.cli")
-    return bool(os.environ.get("MASKFORMER_VERBOSE")) or bool(cli and cli._state.get("verbose"))
 
 
 @dataclass

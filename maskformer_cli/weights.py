@@ -51,7 +51,8 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
     image is read), and class names, things and ignore label come from the dataset. Released weights carry
     no recipe: theirs gets the dataset's task and its single-scale test size (`DatasetInfo.test_size`).
     """
-    from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+    from maskformer_cli.models.convert import load_checkpoint_weights
+    from maskformer_cli.models.strict_load import load_into
 
     path = Path(path)
     if not path.exists():

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from maskformer_cli.data.catalog import DatasetInfo, default_palette
-from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS, DatasetInfo, default_palette
 from maskformer_cli.errors import UserError
 
 LABEL_EXTS = (".png", ".tif", ".tiff")

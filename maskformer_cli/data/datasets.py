@@ -28,11 +28,11 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from maskformer_cli.data.catalog import DatasetInfo, canonical_name
+from maskformer_cli.data.catalog import canonical_name
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 from maskformer_cli.errors import UserError
 from maskformer_cli.structures import Target
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[int]], tuple[torch.Tensor, torch.Tensor]]

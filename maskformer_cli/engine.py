@@ -70,19 +70,9 @@ def train_step(
     criterion and the gradient all-reduce are collectives that every rank must run equally often.
     """
     optimizer.zero_grad(set_to_none=True)
-    sizes = [len(b) for b in micro_batches]
-    if dist.get_world_size() > 1:
-        # one small collective: [micro-batches without a sample, samples], summed over ranks
-        empty, samples = (int(v) for v in dist.all_reduce_sum(
-            torch.tensor([sum(k == 0 for k in sizes), sum(sizes)], device=device)).tolist())
-        if empty:
-            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True,
-                              samples=samples)
-    else:
-        samples = sum(sizes)
-        micro_batches = [b for b, k in zip(micro_batches, sizes, strict=True) if k]
-        if not micro_batches:
-            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=0)
+    micro_batches, samples = _runnable_micro_batches(micro_batches, device)
+    if not micro_batches:
+        return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=samples)
     n = len(micro_batches)
     totals: list[float] = []
     named: dict[str, float] = {}
@@ -112,12 +102,7 @@ def train_step(
 
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if clip_fn is not None and clip_grad > 0:
-        grad_norm = float(clip_fn(params, clip_grad))
-    else:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+    grad_norm = _grad_norm(optimizer, clip_grad, clip_fn)
     # The loss differs per rank, so its verdict is agreed by a collective; gradients are already
     # all-reduced by DDP, so every rank sees the same grad norm.
     loss_bad = dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device))
@@ -140,6 +125,27 @@ def train_step(
     else:
         optimizer.step()
     return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=False, samples=samples)
+
+
+def _runnable_micro_batches(micro_batches: list, device: torch.device) -> tuple[list, int]:
+    """(the micro-batches to run, samples in all of them summed over ranks). An empty micro-batch is left out
+    in a single process; under DDP none runs (an empty list) when any rank has one."""
+    sizes = [len(b) for b in micro_batches]
+    if dist.get_world_size() > 1:
+        # one small collective: [micro-batches without a sample, samples], summed over ranks
+        empty, samples = (int(v) for v in dist.all_reduce_sum(
+            torch.tensor([sum(k == 0 for k in sizes), sum(sizes)], device=device)).tolist())
+        return ([] if empty else micro_batches), samples
+    return [b for b, k in zip(micro_batches, sizes, strict=True) if k], sum(sizes)
+
+
+def _grad_norm(optimizer: torch.optim.Optimizer, clip_grad: float, clip_fn: Callable | None) -> float:
+    """The total gradient norm of the optimised parameters, after clipping it to `clip_grad` with `clip_fn`."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if clip_fn is not None and clip_grad > 0:
+        return float(clip_fn(params, clip_grad))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -1,7 +1,10 @@
 """`maskformer train`: the run directory, resume, checkpoints, signals, evaluation during training.
 
 `train(recipe, run_dir, ...)` is the programmatic entry (tests and `ablate` call it); `run_train` is what
-the CLI calls: it relaunches under torchrun for `--gpus N` and sets up the process group.
+the CLI calls: it relaunches under torchrun for `--gpus N` and sets up the process group. Both run a
+`Trainer`: its constructor builds the run (and restores it on resume), `Trainer.train` is the loop: step
+(`engine.train_step`, judged by `step_policy.StepPolicy`), checkpoint and evaluate on the `Schedule`
+(checkpoint content: `checkpoint.training_checkpoint`), final save and evaluation.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -22,12 +24,11 @@ import torch
 from maskformer_cli import distributed as dist
 from maskformer_cli import launch
 from maskformer_cli.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
     CheckpointManager,
     capture_rng_state,
-    check_compatible,
     remove_stale_temps,
-    restore_rng_state,
+    restore_training,
+    training_checkpoint,
 )
 from maskformer_cli.checkpoint import (
     load as load_checkpoint,
@@ -35,13 +36,16 @@ from maskformer_cli.checkpoint import (
 from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
-from maskformer_cli.engine import default_metrics, evaluate, train_step, unwrap
+from maskformer_cli.engine import StepResult, default_metrics, evaluate, train_step
 from maskformer_cli.errors import UserError, one_line, verbose
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
 from maskformer_cli.postprocess import build_postprocessor
 from maskformer_cli.reporting import Logger, console, metrics_table, plot_curves, save_prediction_overlay
 from maskformer_cli.run_dir import env_json, prepare_run_dir
+from maskformer_cli.signals import StopFlag
+from maskformer_cli.step_policy import StepPolicy
+from maskformer_cli.weights import load_init_weights
 
 
 def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_from: Path | None, gpus: int,
@@ -85,81 +89,8 @@ class TrainResult:
     """The signal (SIGINT 2, SIGTERM 15) that stopped the run; the CLI exits with 128 + it."""
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        # A second Ctrl-C stops at once. A second SIGTERM does not: under `--gpus N` a scheduler's SIGTERM
-        # can reach a rank twice (directly, and passed on by torchrun), and must still save the checkpoint.
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def primary_metric(task: str) -> str:
     return "PQ" if task == "panoptic" else "mIoU"
-
-
-def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
-    """Fine-tuning start: load weights only; keys whose shapes differ (the class head when K differs) are
-    skipped and returned; any other missing or unexpected key is an error."""
-    from maskformer_cli.models.convert import load_checkpoint_weights
-
-    state, _meta = load_checkpoint_weights(path)
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing = [k for k in own if k not in state and k not in skipped]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit this model: missing {missing[:20]} "
-                        f"({len(missing)}), unexpected {unexpected[:20]} ({len(unexpected)})")
-    own.update(state)
-    model.load_state_dict(own)
-    return skipped
-
-
-def parameter_checksum(model: torch.nn.Module) -> float:
-    """A position-weighted sum of every parameter and float buffer: equal for identical replicas, different otherwise."""
-    total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate([*model.parameters(), *model.buffers()]):
-        if not p.is_floating_point():
-            continue
-        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device) % 9973 + i
-        total += (p.detach().double().flatten() * w).sum().cpu()
-    return float(total)
-
-
-MAX_SAMPLELESS_STEPS = 20
-"""Steps in a row without a single readable training sample (on any rank) before training stops: by then
-it is the data (a wrong label_suffix, a wrong folder), not bad luck."""
-
-
-def _check_data_hint(dataset: str) -> str:
-    if dataset.lower().endswith((".yaml", ".yml")):
-        return f"check them with `maskformer prepare-data custom --check {dataset}`"
-    return f"prepare the dataset again with `maskformer prepare-data {dataset.replace('_', '-')}`"
 
 
 def _notice(log: Logger, text: str) -> None:
@@ -171,8 +102,28 @@ def _notice(log: Logger, text: str) -> None:
         console.print(Text(text, style="yellow"), soft_wrap=True)
 
 
-def _some(reasons: list[str], k: int = 3) -> str:
-    return "; ".join(reasons[:k]) + ("; ..." if len(reasons) > k else "")
+def _stop_workers(batches) -> None:
+    """Persistent workers of an infinite sampler outlive the loop (the loader keeps its iterator): stop them,
+    or every run of an in-process sweep (ablate) leaves its workers behind."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a step is followed by a checkpoint and by an evaluation (solver.checkpoint_every, eval_every).
+    The last step has both; a stop (signal, `stop_after`) saves a checkpoint but does not evaluate."""
+
+    checkpoint_every: int
+    eval_every: int
+    max_iters: int
+
+    def checkpoint_due(self, step: int, stopping: bool) -> bool:
+        return step % self.checkpoint_every == 0 or step == self.max_iters or stopping
+
+    def evaluation_due(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.max_iters
 
 
 def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -184,281 +135,299 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     --resume checkpoint) is checked before the run directory is made: a run that fails to start leaves
     nothing in the way of its rerun.
     """
-    device = torch.device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    main = rank == 0
-    recipe = with_absolute_dataset_spec(recipe)  # the saved recipe must work from any directory
-    s = recipe.solver
-    run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output_dir) / recipe.name
-    log = Logger(run_dir, enabled=main, quiet=quiet)
-    if s.batch_size % (world * s.grad_accum):
-        raise UserError(f"solver.batch_size={s.batch_size} is not divisible by world size {world} x "
-                        f"grad_accum {s.grad_accum}")
-    per_rank = s.batch_size // (world * s.grad_accum)
+    trainer = Trainer(recipe, run_dir=run_dir, resume=resume, init_from=init_from, exist_ok=exist_ok,
+                      device=device, quiet=quiet)
+    return trainer.train(stop_after=stop_after)
 
-    info = dataset_info(recipe.data)
-    train_set = build_train_dataset(recipe.data, info)
-    # built now, so that a missing val split stops the run before training, not after the whole schedule
-    eval_loader = build_eval_loader(recipe.data, info, rank=rank, world_size=world, num_workers=0)
-    check = getattr(eval_loader.dataset, "check_files", None)
-    problems = check() if check is not None else []
-    if problems:  # found now, not after the whole training schedule
-        raise UserError(f"validation split '{recipe.data.val_split}': {len(problems)}{'+' if len(problems) >= 5 else ''} "
-                        f"missing or unreadable file(s), first: {problems[0]}"
-                        + (f"; also {'; '.join(problems[1:3])}" if len(problems) > 1 else ""))
-    resume_path = None
-    if resume:
-        ckpt_dir = run_dir / "checkpoints"
-        resume_path = CheckpointManager(ckpt_dir, keep_last=s.keep_last).latest_valid() if ckpt_dir.is_dir() else None
-        if resume_path is None:
+
+class Trainer:
+    """One training run: built (and restored from its checkpoint on resume) by the constructor, run by
+    `train`. Every rank of a DDP job builds one; rank 0 alone writes the run directory."""
+
+    def __init__(self, recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False,
+                 init_from: Path | None = None, exist_ok: bool = False, device: torch.device | str = "cpu",
+                 quiet: bool = False) -> None:
+        self.device = torch.device(device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+        self.recipe = recipe = with_absolute_dataset_spec(recipe)  # the saved recipe must work from any directory
+        self.solver = s = recipe.solver
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output_dir) / recipe.name
+        self.log = Logger(self.run_dir, enabled=self.main, quiet=quiet)
+        if s.batch_size % (self.world * s.grad_accum):
+            raise UserError(f"solver.batch_size={s.batch_size} is not divisible by world size {self.world} x "
+                            f"grad_accum {s.grad_accum}")
+        self.per_rank = s.batch_size // (self.world * s.grad_accum)
+        self.info = dataset_info(recipe.data)
+        train_set = build_train_dataset(recipe.data, self.info)
+        # built now, so that a missing val split stops the run before training, not after the whole schedule
+        self.eval_loader = self._checked_eval_loader()
+        resume_path = self._resume_path() if resume else None
+        init_skipped = self._build(init_from, resume)
+        self.step, self.best = 0, None
+        if resume_path is not None:
+            self.step, self.best = restore_training(
+                load_checkpoint(resume_path), to_dict(recipe), model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, scaler=self.scaler, rank=self.rank)
+        self.start_step = self.step
+        self.manager = self._open_run_dir(resume_path, exist_ok, init_skipped)
+        self.ddp_model: torch.nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False)
+        self.loader = build_train_loader(recipe.data, self.info, batch_size=self.per_rank, seed=s.seed,
+                                         rank=self.rank, world_size=self.world,
+                                         start_position=self.position(self.start_step), dataset=train_set)
+        self.metric_name = primary_metric(recipe.data.task)
+        self.eval_metrics = default_metrics(recipe.data.task, recipe.model.meta_architecture == "maskformer")
+        self.postprocessor = build_postprocessor(recipe.inference, self.info, precision=s.precision)
+        self.schedule = Schedule(checkpoint_every=s.checkpoint_every, eval_every=s.eval_every,
+                                 max_iters=s.max_iters)
+        self.policy = StepPolicy(max_bad_steps=s.max_bad_steps, max_iters=s.max_iters, start_step=self.start_step,
+                                 dataset=recipe.data.dataset, checkpoints=str(self.run_dir / "checkpoints"),
+                                 notice=lambda text: _notice(self.log, text), warn=self.log.print)
+        self.metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------- the main loop
+
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Step to solver.max_iters, saving and evaluating on the schedule; a stop signal or `stop_after`
+        steps in this call end it early with a checkpoint saved."""
+        s = self.solver
+        if self.start_step >= s.max_iters:
+            self._conclude_finished_run()
+        self.model.train()
+        self.log.start(s.max_iters, completed=self.start_step)
+        batches = iter(self.loader) if self.step < s.max_iters else None
+        interrupted, stop_signal = False, None
+        self._clock = (time.perf_counter(), 0)  # (time of the last log record, images since)
+        try:
+            with StopFlag() as stop:
+                while self.step < s.max_iters:
+                    self._train_step(batches)
+                    last = self.step == s.max_iters
+                    stopping = self._stop_agreed(stop, stop_after)
+                    state = None
+                    if self.schedule.checkpoint_due(self.step, stopping):
+                        # saved before evaluating: an evaluation that fails must not take these weights with it
+                        state = self._checkpoint_state()
+                        self._save(state, is_best=False)
+                    if self.schedule.evaluation_due(self.step):
+                        self.metrics = self._evaluate_and_mark_best(state, num_overlays=6 if last else 0)
+                    if stopping and not last:
+                        interrupted, stop_signal = True, self._stopped(stop)
+                        break
+        finally:
+            self.log.stop()
+            _stop_workers(batches)
+        if self.main and not interrupted:
+            plot_curves(self.run_dir)
+            if self.metrics:
+                self.log.print(metrics_table(self.metrics, title=f"{self.recipe.name} @ step {self.step}"))
+        self.policy.report()
+        return TrainResult(run_dir=self.run_dir, step=self.step, metrics=self.metrics, interrupted=interrupted,
+                           stop_signal=stop_signal)
+
+    def _stop_agreed(self, stop: StopFlag, stop_after: int | None) -> bool:
+        # a signal reaches the ranks at different moments: they agree, or one would wait for the others
+        return (dist.any_rank(stop.requested, self.device)
+                or (stop_after is not None and self.step - self.start_step >= stop_after))
+
+    def _stopped(self, stop: StopFlag) -> int | None:
+        """The signal that stopped the run, on every rank, also those it did not reach (torchrun sees one
+        cause); None for `stop_after`."""
+        self.log.print(f"[yellow]stopped at step {self.step}; checkpoint saved. Continue with --resume.")
+        return next((x for x in dist.all_gather_object(stop.signum) if x is not None), None)
+
+    # --------------------------------------------------------------------------------------- one step
+
+    def position(self, step: int) -> int:
+        """Samples this rank's sampler has handed out after `step` steps."""
+        return step * self.per_rank * self.solver.grad_accum
+
+    def _train_step(self, batches) -> None:
+        """One optimiser step on the next `grad_accum` micro-batches, judged by the step policy, logged."""
+        s = self.solver
+        micro = [next(batches) for _ in range(s.grad_accum)]
+        self.policy.note_batches(micro)
+        res = train_step(self.ddp_model, self.criterion, self.optimizer, micro, device=self.device,
+                         precision=s.precision, scaler=self.scaler, clip_grad=s.clip_grad,
+                         clip_fn=clip_grad_norm_full_model)
+        with warnings.catch_warnings():
+            # A skipped first step triggers torch's "scheduler before optimizer" warning; the
+            # schedule follows the iteration count whether or not the step was applied.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.step += 1
+        t_last, imgs_since = self._clock
+        self._clock = (t_last, imgs_since + self.per_rank * s.grad_accum * self.world)
+        self.policy.after_step(self.step, res)
+        if self.step % s.log_every == 0 or self.step == s.max_iters or self.step == self.start_step + 1:
+            self._log_step(res)
+
+    def _log_step(self, res: StepResult) -> None:
+        now = time.perf_counter()
+        t_last, imgs_since = self._clock
+        rec = {"kind": "train", "step": self.step, "loss": res.total, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": res.grad_norm, "images_per_s": imgs_since / max(now - t_last, 1e-9),
+               "skipped_samples": self.policy.skipped_samples, **res.losses}
+        if self.device.type == "cuda":
+            rec["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._clock = (now, 0)
+        self.log.log(rec)
+        self.log.advance(self.step, f"loss {res.total:.3f} lr {rec['lr']:.2e} {rec['images_per_s']:.1f} img/s")
+
+    # -------------------------------------------------------------------------- checkpoints, evaluation
+
+    def _checkpoint_state(self) -> dict[str, Any] | None:
+        """The checkpoint of this step (a collective: every rank calls it); None on ranks other than 0."""
+        rngs = dist.all_gather_object(capture_rng_state())
+        dist.broadcast_buffers(self.model)
+        extra = {}
+        if self.world > 1:  # DDP keeps replicas identical; a checksum per rank catches any divergence
+            sums = dist.all_gather_object(dist.parameter_checksum(self.model))
+            extra["ddp_params_identical"] = all(x == sums[0] for x in sums)
+            if not extra["ddp_params_identical"]:
+                self.log.print(f"[red]step {self.step}: parameters differ across ranks: {sums}")
+        if not self.main:
+            return None
+        return training_checkpoint(
+            step=self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, rng=rngs, position=self.position(self.step), best_metric=self.best,
+            recipe_dict=to_dict(self.recipe), dataset=self.info, extra=extra)
+
+    def _save(self, state: dict[str, Any] | None, is_best: bool) -> None:
+        if state is not None:
+            state["best_metric"] = self.best
+            self.manager.save(self.step, state, is_best=is_best)
+
+    def _evaluate_and_mark_best(self, state: dict[str, Any] | None, num_overlays: int) -> dict[str, Any]:
+        """Evaluate at this step, whose checkpoint `state` is already saved; save it again as best.pt (with
+        the new best metric) when the primary metric improves."""
+        metrics = self._evaluate(num_overlays)
+        value = metrics.get(self.metric_name)
+        if value is not None and (self.best is None or value > self.best):
+            self.best = value
+            self._save(state, is_best=True)
+        return metrics
+
+    def _evaluate(self, num_overlays: int = 0) -> dict[str, Any]:
+        """Metrics on the validation split (exact under DDP); rank 0 writes eval/step_N.json, the logs, and
+        overlays of the first `num_overlays` predictions."""
+        dist.broadcast_buffers(self.model)
+        info, shown = self.info, []
+        colors = [info.color(i) for i in range(info.num_classes)]
+
+        def draw(pred: dict, meta: dict) -> None:  # a few pictures of the final model, rank 0 only
+            if self.main and len(shown) < num_overlays:
+                shown.append(1)
+                save_prediction_overlay(pred, meta, list(info.classes), colors,
+                                        self.run_dir / "vis" / f"{Path(meta['file_name']).stem}.png",
+                                        info.ignore_label)
+
+        t0 = time.perf_counter()
+        metrics = evaluate(self.ddp_model, self.eval_loader, self.eval_metrics, self.postprocessor,
+                           device=self.device, class_names=info.classes, on_prediction=draw)
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        if self.main:
+            per_class = metrics.pop("per_class", None)
+            (self.run_dir / "eval" / f"step_{self.step:08d}.json").write_text(json.dumps(
+                {"step": self.step, **metrics, "per_class": per_class}, indent=1, default=float))
+            self.log.log({"kind": "eval", "step": self.step, **metrics})
+            self.log.result({"step": self.step, **metrics})
+        return metrics
+
+    def _conclude_finished_run(self) -> None:
+        """Resumed at or past solver.max_iters: report its final evaluation, or evaluate it if it has none."""
+        s, final = self.solver, self.run_dir / "eval" / f"step_{self.start_step:08d}.json"
+        saved = dist.broadcast_object(json.loads(final.read_text()) if self.main and final.is_file() else None)
+        if saved is not None:
+            self.metrics = {k: v for k, v in saved.items() if k not in ("step", "per_class")}
+            _notice(self.log, f"{self.run_dir} had already finished (step {self.start_step}, solver.max_iters="
+                              f"{s.max_iters}): nothing to train or evaluate; its final evaluation is {final}")
+        else:
+            _notice(self.log, f"{self.run_dir} had already finished training (step {self.start_step}, "
+                              f"solver.max_iters={s.max_iters}) but has no final evaluation: evaluating now")
+            self.metrics = self._evaluate_and_mark_best(self._checkpoint_state(), num_overlays=6)
+
+    # -------------------------------------------------------------------------------------------- setup
+
+    def _checked_eval_loader(self):
+        """The validation loader, its files checked now: a missing val split must stop the run before
+        training, not after the whole schedule."""
+        data = self.recipe.data
+        loader = build_eval_loader(data, self.info, rank=self.rank, world_size=self.world, num_workers=0)
+        check = getattr(loader.dataset, "check_files", None)
+        problems = check() if check is not None else []
+        if problems:
+            raise UserError(f"validation split '{data.val_split}': {len(problems)}{'+' if len(problems) >= 5 else ''} "
+                            f"missing or unreadable file(s), first: {problems[0]}"
+                            + (f"; also {'; '.join(problems[1:3])}" if len(problems) > 1 else ""))
+        return loader
+
+    def _resume_path(self) -> Path:
+        ckpt_dir = self.run_dir / "checkpoints"
+        found = (CheckpointManager(ckpt_dir, keep_last=self.solver.keep_last).latest_valid()
+                 if ckpt_dir.is_dir() else None)
+        if found is None:
             raise UserError(f"--resume: no valid checkpoint in {ckpt_dir} (a run that never saved one starts "
                             f"again without --resume, with --exist-ok if its directory holds its logs)")
+        return found
 
-    if s.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(s.seed)
-    # Weights to come (--init-from, --resume) replace the backbone's: loading ImageNet weights first would
-    # only cost a download, and fail offline.
-    weights_to_come = init_from is not None or resume
-    model_cfg = dataclasses.replace(recipe.model, pretrained=None) if weights_to_come else recipe.model
-    model = build_model(model_cfg, info.num_classes).to(device)
-    init_skipped = load_init_weights(model, Path(init_from)) if init_from is not None and not resume else []
-    criterion = build_criterion(recipe, info.num_classes)
-    optimizer = build_optimizer(model, s)
-    scheduler = build_scheduler(optimizer, s)
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    def _build(self, init_from: Path | None, resume: bool) -> list[str]:
+        """Seed, then build model, criterion, optimizer, scheduler and grad scaler; returns the tensors that
+        --init-from re-initialised (their shape differs)."""
+        s, recipe = self.solver, self.recipe
+        if s.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(s.seed)
+        # Weights to come (--init-from, --resume) replace the backbone's: loading ImageNet weights first would
+        # only cost a download, and fail offline.
+        weights_to_come = init_from is not None or resume
+        model_cfg = dataclasses.replace(recipe.model, pretrained=None) if weights_to_come else recipe.model
+        self.model = build_model(model_cfg, self.info.num_classes).to(self.device)
+        init_skipped = load_init_weights(self.model, Path(init_from)) if init_from is not None and not resume else []
+        self.criterion = build_criterion(recipe, self.info.num_classes)
+        self.optimizer = build_optimizer(self.model, s)
+        self.scheduler = build_scheduler(self.optimizer, s)
+        self.scaler = torch.amp.GradScaler(self.device.type) if s.precision == "fp16" else None
+        return init_skipped
 
-    start_step, best = 0, None
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        saved_ds = ((ckpt.get("recipe") or {}).get("data") or {}).get("dataset")
-        if isinstance(saved_ds, str) and os.path.abspath(saved_ds) == recipe.data.dataset:
-            ckpt["recipe"]["data"]["dataset"] = recipe.data.dataset  # saved relative by an earlier version
-        check_compatible(ckpt, to_dict(recipe))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_step, best = int(ckpt["step"]), ckpt.get("best_metric")
-        rngs = ckpt.get("rng") or []
-        if rank < len(rngs):
-            restore_rng_state(rngs[rank])
-
-    notice, error = None, None
-    if main:
-        try:
-            notice = prepare_run_dir(run_dir, resume, exist_ok)
-        except UserError as e:
-            error = str(e)
-    # every rank stops on rank 0's verdict: a rank left waiting would only see a broken connection
-    error = dist.broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
-    if notice:
-        _notice(log, f"{notice}")
-    if init_skipped:
-        log.print(f"[yellow]init-from:[/] re-initialised {len(init_skipped)} tensors whose shape differs: "
-                  f"{', '.join(init_skipped[:6])}")
-    if resume_path is None:
-        log.reset()
-    else:
-        dropped = log.rewind(start_step)
-        log.print(f"resumed from {resume_path} at step {start_step}"
-                  + (f" (dropped {dropped} log records of the steps after it, which run again)" if dropped else ""))
-    if main:
+    def _open_run_dir(self, resume_path: Path | None, exist_ok: bool, init_skipped: list[str]):
+        """Rank 0 claims the run directory (every rank stops on its verdict), writes config.yaml and env.json,
+        trims the logs to the resumed step; returns its CheckpointManager (None on other ranks)."""
+        log, run_dir, notice, error = self.log, self.run_dir, None, None
+        if self.main:
+            try:
+                notice = prepare_run_dir(run_dir, resume_path is not None, exist_ok)
+            except UserError as e:
+                error = str(e)
+        # every rank stops on rank 0's verdict: a rank left waiting would only see a broken connection
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
+        if notice:
+            _notice(log, f"{notice}")
+        if init_skipped:
+            log.print(f"[yellow]init-from:[/] re-initialised {len(init_skipped)} tensors whose shape differs: "
+                      f"{', '.join(init_skipped[:6])}")
+        if resume_path is None:
+            log.reset()
+        else:
+            dropped = log.rewind(self.start_step)
+            log.print(f"resumed from {resume_path} at step {self.start_step}"
+                      + (f" (dropped {dropped} log records of the steps after it, which run again)" if dropped else ""))
+        if not self.main:
+            return None
         stale = remove_stale_temps(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
         if stale:
             _notice(log, f"removed {len(stale)} partial checkpoint file(s) left by an interrupted save: "
                          f"{', '.join(p.name for p in stale[:4])}")
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=s.keep_last) if main else None
-    if main:
-        (run_dir / "config.yaml").write_text(dump_recipe(recipe))
-        (run_dir / "env.json").write_text(json.dumps(env_json(world, device), indent=2))
-
-    ddp_model: torch.nn.Module = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=False)
-
-    loader = build_train_loader(recipe.data, info, batch_size=per_rank, seed=s.seed, rank=rank, world_size=world,
-                                start_position=start_step * per_rank * s.grad_accum, dataset=train_set)
-    task = recipe.data.task
-    metric_name = primary_metric(task)
-    eval_metrics = default_metrics(task, recipe.model.meta_architecture == "maskformer")
-    postprocessor = build_postprocessor(recipe.inference, info, precision=s.precision)
-    colors = [info.color(i) for i in range(info.num_classes)]
-
-    def run_eval(step: int, num_overlays: int = 0) -> dict[str, Any]:
-        dist.broadcast_buffers(model)
-        shown: list[int] = []
-
-        def draw(pred: dict, meta: dict) -> None:  # a few pictures of the final model, rank 0 only
-            if main and len(shown) < num_overlays:
-                shown.append(1)
-                save_prediction_overlay(pred, meta, list(info.classes), colors,
-                                        run_dir / "vis" / f"{Path(meta['file_name']).stem}.png", info.ignore_label)
-
-        t0 = time.perf_counter()
-        metrics = evaluate(ddp_model, eval_loader, eval_metrics, postprocessor, device=device,
-                           class_names=info.classes, on_prediction=draw)
-        metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
-        if main:
-            per_class = metrics.pop("per_class", None)
-            (run_dir / "eval" / f"step_{step:08d}.json").write_text(json.dumps(
-                {"step": step, **metrics, "per_class": per_class}, indent=1, default=float))
-            log.log({"kind": "eval", "step": step, **metrics})
-            log.result({"step": step, **metrics})
-        return metrics
-
-    def checkpoint_state(step: int) -> dict[str, Any] | None:
-        """The checkpoint of this step (a collective: every rank calls it); None on ranks other than 0."""
-        rngs = dist.all_gather_object(capture_rng_state())
-        dist.broadcast_buffers(model)
-        extra = {}
-        if world > 1:  # DDP keeps replicas identical; a checksum per rank catches any divergence
-            sums = dist.all_gather_object(parameter_checksum(model))
-            extra["ddp_params_identical"] = all(x == sums[0] for x in sums)
-            if not extra["ddp_params_identical"]:
-                log.print(f"[red]step {step}: parameters differ across ranks: {sums}")
-        if not main:
-            return None
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs,
-            "sampler": {"position": step * per_rank * s.grad_accum}, "best_metric": best,
-            "recipe": to_dict(recipe), "classes": list(info.classes), "dataset": info.name,
-            "thing_ids": list(info.thing_ids), "ignore_label": info.ignore_label, **extra,
-        }
-
-    def save(step: int, state: dict[str, Any] | None, is_best: bool) -> None:
-        if state is not None:
-            state["best_metric"] = best
-            manager.save(step, state, is_best=is_best)
-
-    def evaluate_and_mark_best(step: int, state: dict[str, Any] | None, num_overlays: int) -> dict[str, Any]:
-        """Evaluate at `step`, whose checkpoint `state` is already saved; save it again as best.pt (with the
-        new best metric) when the primary metric improves."""
-        nonlocal best
-        metrics = run_eval(step, num_overlays=num_overlays)
-        value = metrics.get(metric_name)
-        if value is not None and (best is None or value > best):
-            best = value
-            save(step, state, is_best=True)
-        return metrics
-
-    metrics: dict[str, Any] = {}
-    step, bad, skipped_samples, interrupted, stop_signal = start_step, 0, 0, False, None
-    skipped_files: dict[int, str] = {}  # dataset index -> why it was skipped (first seen)
-    empty_steps, sampleless = 0, 0
-    if start_step >= s.max_iters:
-        final = run_dir / "eval" / f"step_{start_step:08d}.json"
-        saved = dist.broadcast_object(json.loads(final.read_text()) if main and final.is_file() else None)
-        if saved is not None:
-            metrics = {k: v for k, v in saved.items() if k not in ("step", "per_class")}
-            _notice(log, f"{run_dir} had already finished (step {start_step}, solver.max_iters="
-                      f"{s.max_iters}): nothing to train or evaluate; its final evaluation is {final}")
-        else:
-            _notice(log, f"{run_dir} had already finished training (step {start_step}, solver.max_iters="
-                      f"{s.max_iters}) but has no final evaluation: evaluating now")
-            state = checkpoint_state(start_step)
-            metrics = evaluate_and_mark_best(start_step, state, num_overlays=6)
-    model.train()
-    log.start(s.max_iters, completed=start_step)
-    it = iter(loader) if step < s.max_iters else None
-    t_last, imgs_since = time.perf_counter(), 0
-    try:
-        with _StopFlag() as stop:
-            while step < s.max_iters:
-                micro = [next(it) for _ in range(s.grad_accum)]
-                for b in micro:
-                    skipped_samples += b.num_skipped
-                    for index, reason in b.skipped_files:
-                        if not skipped_files:
-                            _notice(log, f"skipping a bad training sample: {reason} (all are listed at the end)")
-                        skipped_files.setdefault(index, reason)
-                res = train_step(ddp_model, criterion, optimizer, micro, device=device, precision=s.precision,
-                                 scaler=scaler, clip_grad=s.clip_grad, clip_fn=clip_grad_norm_full_model)
-                with warnings.catch_warnings():
-                    # A skipped first step triggers torch's "scheduler before optimizer" warning; the
-                    # schedule follows the iteration count whether or not the step was applied.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-                step += 1
-                imgs_since += per_rank * s.grad_accum * world
-                # agreed on every rank (res.samples is summed over ranks), so every rank stops together
-                sampleless = sampleless + 1 if res.samples == 0 else 0
-                # ... and a schedule shorter than that which never saw a sample must not end as a success
-                if sampleless >= MAX_SAMPLELESS_STEPS or (step >= s.max_iters and sampleless == step - start_step):
-                    raise UserError(
-                        f"stopped at step {step}: no training sample could be read in {sampleless} steps in a row; "
-                        f"{len(skipped_files)} files skipped, e.g. {_some(list(skipped_files.values()))}; "
-                        f"{_check_data_hint(recipe.data.dataset)}")
-                if res.empty:
-                    empty_steps += 1  # a micro-batch of bad files only: nothing to learn from, not a bad step
-                elif res.overflow:
-                    pass  # fp16 grad scaler calibrating its scale; it has already adjusted
-                elif res.skipped:
-                    bad += 1
-                    log.print(f"[yellow]step {step}: non-finite loss or gradient, step skipped ({bad} in a row)")
-                    if bad > s.max_bad_steps:
-                        raise UserError(f"stopped at step {step}: {bad} non-finite steps in a row; the last good "
-                                        f"checkpoint in {run_dir / 'checkpoints'} is intact (lower solver.lr?)")
-                else:
-                    bad = 0
-                if step % s.log_every == 0 or step == s.max_iters or step == start_step + 1:
-                    now = time.perf_counter()
-                    rec = {"kind": "train", "step": step, "loss": res.total, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": res.grad_norm, "images_per_s": imgs_since / max(now - t_last, 1e-9),
-                           "skipped_samples": skipped_samples, **res.losses}
-                    if device.type == "cuda":
-                        rec["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    t_last, imgs_since = now, 0
-                    log.log(rec)
-                    log.advance(step, f"loss {res.total:.3f} lr {rec['lr']:.2e} {rec['images_per_s']:.1f} img/s")
-                last = step == s.max_iters
-                # a signal reaches the ranks at different moments: they agree, or one would wait for the others
-                stopping = (dist.any_rank(stop.requested, device)
-                            or (stop_after is not None and step - start_step >= stop_after))
-                state = None
-                if step % s.checkpoint_every == 0 or last or stopping:
-                    # saved before evaluating: an evaluation that fails must not take these weights with it
-                    state = checkpoint_state(step)
-                    save(step, state, is_best=False)
-                if step % s.eval_every == 0 or last:
-                    metrics = evaluate_and_mark_best(step, state, num_overlays=6 if last else 0)
-                if stopping and not last:
-                    # every rank exits with the signal, also those it did not reach (torchrun sees one cause)
-                    stop_signal = next((x for x in dist.all_gather_object(stop.signum) if x is not None), None)
-                    interrupted = True
-                    log.print(f"[yellow]stopped at step {step}; checkpoint saved. Continue with --resume.")
-                    break
-    finally:
-        log.stop()
-        # Persistent workers of an infinite sampler outlive the loop (the loader keeps its iterator);
-        # stop them now, or every run of an in-process sweep (ablate) leaves its workers behind.
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-    # every rank's skipped files (each rank loads its own share of the samples)
-    files: dict[int, str] = {}
-    times = 0
-    for rank_files, rank_times in dist.all_gather_object((skipped_files, skipped_samples)):
-        times += rank_times
-        for index, reason in rank_files.items():
-            files.setdefault(index, reason)
-    if main and not interrupted:
-        plot_curves(run_dir)
-        if metrics:
-            log.print(metrics_table(metrics, title=f"{recipe.name} @ step {step}"))
-    if files:
-        empty = f"; {empty_steps} steps had a batch of bad files only and were skipped" if empty_steps else ""
-        _notice(log, f"{len(files)} training files were skipped ({times} times in all{empty}): "
-                  f"{_some(sorted(files.values()))}; {_check_data_hint(recipe.data.dataset)}")
-    return TrainResult(run_dir=run_dir, step=step, metrics=metrics, interrupted=interrupted,
-                       stop_signal=stop_signal)
+        manager = CheckpointManager(run_dir / "checkpoints", keep_last=self.solver.keep_last)
+        (run_dir / "config.yaml").write_text(dump_recipe(self.recipe))
+        (run_dir / "env.json").write_text(json.dumps(env_json(self.world, self.device), indent=2))
+        return manager
 
 
-__all__ = ["run_train", "train", "TrainResult", "unwrap"]
+__all__ = ["run_train", "train", "Trainer", "TrainResult"]

@@ -1,6 +1,7 @@
 """Rebuild a ready-to-run model from any checkpoint a user has: ours (.pt), official (.pkl), or a HF directory.
 
 Our checkpoints carry the resolved recipe and class names, so `evaluate` and `predict` need nothing else.
+`load_init_weights` is `train --init-from`: weights only, tensors whose shape differs re-initialised.
 Official and HF weights carry the architecture in their keys / config.json; class names come from the
 HF config or from `--dataset`.
 """
@@ -96,3 +97,22 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
     model.to(device).eval()
     return LoadedModel(model=model, recipe=recipe, classes=classes, thing_ids=thing_ids, ignore_label=ignore,
                        dataset=ds_name, sha256=file_hash(path))
+
+
+def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
+    """Fine-tuning start: load weights only; keys whose shapes differ (the class head when K differs) are
+    skipped and returned; any other missing or unexpected key is an error."""
+    from maskformer_cli.models.convert import load_checkpoint_weights
+
+    state, _meta = load_checkpoint_weights(path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit this model: missing {missing[:20]} "
+                        f"({len(missing)}), unexpected {unexpected[:20]} ({len(unexpected)})")
+    own.update(state)
+    model.load_state_dict(own)
+    return skipped

@@ -21,7 +21,8 @@ import maskformer_cli.train as train_mod
 from maskformer_cli.config import recipe_from_dict
 from maskformer_cli.data.build import dataset_info
 from maskformer_cli.errors import UserError
-from maskformer_cli.train import MAX_SAMPLELESS_STEPS, train
+from maskformer_cli.step_policy import MAX_SAMPLELESS_STEPS
+from maskformer_cli.train import train
 
 
 def make_custom(root: Path, *, splits=("train", "val"), n: int = 4, missing_label=(), bad_value=(),

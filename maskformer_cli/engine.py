@@ -250,12 +250,12 @@ def load_semantic_gt(meta: dict, ignore_label: int) -> torch.Tensor:
 
 def load_panoptic_gt(meta: dict) -> tuple[torch.Tensor, list[dict]]:
     """(segment-id map [H,W] int64, segments_info with contiguous category ids) from the dataset's meta."""
+    from panopticapi.utils import rgb2id
     from PIL import Image
 
     with Image.open(meta["pan_seg_file"]) as im:
-        rgb = np.array(im.convert("RGB")).astype(np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-    return torch.from_numpy(ids), meta["segments_info"]
+        rgb = np.array(im.convert("RGB"))
+    return torch.from_numpy(rgb2id(rgb).astype(np.int64)), meta["segments_info"]
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from maskformer_cli.reporting import (
     metrics_table,
     per_class_table,
     progress_bar,
-    write_per_class_csv,
+    write_csv,
 )
 
 METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
@@ -98,7 +98,7 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     rows = metrics.pop("per_class", None) or []
     (out / "metrics.json").write_text(json.dumps({**meta, **metrics}, indent=2, default=float))
     if rows:
-        write_per_class_csv(rows, out / "per_class.csv")
+        write_csv(rows, out / "per_class.csv")
     if per_class and rows:
         console.print(per_class_table(rows))
     console.print(metrics_table(metrics, title=f"{meta.get('dataset', dataset)} / {split}"))
@@ -179,13 +179,13 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     PNGs (`predict --task panoptic` writes both). One Evaluator holds them, so `per_class` has one row per
     class with the semantic (IoU, Acc, *_stuff) and panoptic (PQ, SQ, RQ, TP, FP, FN) columns side by side.
     """
-    from maskformer_cli.data.catalog import datasets_root, get_dataset_info
+    from maskformer_cli.data.catalog import dataset_dir, get_dataset_info
     from maskformer_cli.engine import Evaluator
 
     if metric != "all" and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: choose miou, pq, pq-stuff or all")
     info = get_dataset_info(dataset)
-    base = Path(info.root) if info.root else datasets_root() / info.dirname
+    base = dataset_dir(info)
     if not pred_dir.is_dir():
         raise UserError(f"--predictions {pred_dir}: not a directory")
     pan_json = pred_dir / "panoptic.json"

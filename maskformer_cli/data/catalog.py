@@ -85,6 +85,12 @@ def datasets_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path("datasets")
 
 
+def dataset_dir(info: DatasetInfo, root: str | os.PathLike[str] | None = None) -> Path:
+    """Where a dataset lives: a custom spec's own folder (`info.root`), else `datasets_root(root)/info.dirname`
+    (root: the recipe's data.root or prepare-data's --root; None: the environment's)."""
+    return Path(info.root) if info.root else datasets_root(root) / info.dirname
+
+
 def load_class_file(filename: str):
     """Parsed JSON data file from maskformer_cli/data/class_names/ (class names, colors, id tables)."""
     import json

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from panopticapi.utils import rgb2id
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from maskformer_cli.data.catalog import canonical_name
+from maskformer_cli.data.catalog import canonical_name, dataset_dir
 from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 from maskformer_cli.errors import UserError
 from maskformer_cli.structures import Target
@@ -113,16 +114,15 @@ def read_panoptic_ids(path: str | os.PathLike[str]) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            rgb = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"panoptic PNG not found: {path}") from None
     except _PIL_ERRORS as e:
         raise UserError(f"cannot read panoptic PNG {path}: {e}") from None
-    if rgb.dtype != torch.uint8:
+    if rgb.dtype != np.uint8:
         raise UserError(f"panoptic PNG {path}: expected 8 bits per channel, got {rgb.dtype}")
-    # Widen before multiplying: ids use 24 bits (int32 arithmetic is exact and faster than int64).
-    ids = rgb[0].to(torch.int32) + rgb[1].to(torch.int32) * 256 + rgb[2].to(torch.int32) * 65536
-    return ids.long()
+    # rgb2id widens uint8 to int32 before multiplying: ids use 24 bits (exact, and faster than int64)
+    return torch.from_numpy(rgb2id(rgb)).long()
 
 
 def segments_to_categories(ids: torch.Tensor, segments: Sequence[dict], ignore_label: int) -> torch.Tensor:
@@ -368,7 +368,7 @@ def build_dataset(info: DatasetInfo, root: str | os.PathLike[str], split: str, t
     root: the datasets root (catalog.datasets_root()); the dataset lives in root/info.dirname, or at
     info.root for custom datasets. ignore_label overrides info.ignore_label.
     """
-    base = Path(info.root) if info.root else Path(root) / info.dirname
+    base = dataset_dir(info, root)
     ignore = info.ignore_label if ignore_label is None else ignore_label
     hint = f"run `maskformer prepare-data {info.name.replace('_', '-')}`" if not info.root else "check the spec"
 

@@ -16,7 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from maskformer_cli.data.catalog import DatasetInfo, canonical_name, datasets_root, get_dataset_info
+from maskformer_cli.data.catalog import (
+    DatasetInfo,
+    canonical_name,
+    dataset_dir,
+    datasets_root,
+    get_dataset_info,
+)
 from maskformer_cli.data.download import disk_full_error, human_bytes
 from maskformer_cli.data.staging import Staging, disk_usage, merge_move, stamp_entry, write_stamp_entry
 from maskformer_cli.errors import UserError
@@ -59,8 +65,7 @@ def _prepare_catalog(name: str, *, root: Path | None, archives: list[Path], down
     conv = CONVERTERS.get(key)
     if conv is None:
         raise UserError(f"no preparation for dataset '{name}'")
-    root_dir = datasets_root(root)
-    target = root_dir / info.dirname
+    root_dir, target = datasets_root(root), dataset_dir(info, root)
     display = key.replace("_", "-")
     entry = stamp_entry(target, key)
     if entry is not None and not force:
@@ -229,7 +234,7 @@ def _prepare_synthetic(root: Path | None, force: bool, params: dict[str, Any], c
 
     params = {k: params[k] for k in ("num_classes", "num_images", "size", "seed") if k in params}
     info = get_dataset_info("synthetic", num_classes=params.get("num_classes", 12))
-    target = datasets_root(root) / info.dirname
+    target = dataset_dir(info, root)
     entry = stamp_entry(target, "synthetic")
     if entry is not None and entry.get("params") == params and not force:
         console.print(f"synthetic is already generated in {target} with these settings: nothing to do "

@@ -61,7 +61,7 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
                                 f"model.deep_supervision={str(deep_supervision).lower()}"])
     ours = build_model(recipe.model, K)
     load_into(ours, state)
-    criterion = build_criterion(recipe, K)
+    criterion = build_criterion(recipe.loss, K)
     hf.to(device).train()
     ours.to(device).train()
 

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
+from maskformer_cli.data.datasets import read_label, read_panoptic_ids, segments_to_categories
 from maskformer_cli.metrics import SemanticMetrics
 from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
 from maskformer_cli.models import normalize
@@ -235,27 +235,20 @@ class Evaluator:
 
 
 def load_semantic_gt(meta: dict, ignore_label: int) -> torch.Tensor:
-    """The original-resolution ground-truth label map of an image, from the dataset's meta."""
+    """The original-resolution ground-truth label map of an image, from the dataset's meta: the map the
+    dataset decoded (evaluation loaders keep it), else read from the file it names."""
     if "sem_seg" in meta:
         return meta["sem_seg"]
     if "sem_seg_file" not in meta:  # a panoptic dataset: the semantic map is its segments' categories
-        from maskformer_cli.data.datasets import segments_to_categories
-
         return segments_to_categories(*load_panoptic_gt(meta), ignore_label)
-    from PIL import Image
-
-    with Image.open(meta["sem_seg_file"]) as im:
-        return torch.from_numpy(np.array(im).astype(np.int64))
+    return torch.from_numpy(read_label(meta["sem_seg_file"]))
 
 
 def load_panoptic_gt(meta: dict) -> tuple[torch.Tensor, list[dict]]:
-    """(segment-id map [H,W] int64, segments_info with contiguous category ids) from the dataset's meta."""
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-
-    with Image.open(meta["pan_seg_file"]) as im:
-        rgb = np.array(im.convert("RGB"))
-    return torch.from_numpy(rgb2id(rgb).astype(np.int64)), meta["segments_info"]
+    """(segment-id map [H,W] int64, segments_info with contiguous category ids) from the dataset's meta: the
+    map the dataset decoded (evaluation loaders keep it), else read from the PNG it names."""
+    ids = meta["pan_seg"] if "pan_seg" in meta else read_panoptic_ids(meta["pan_seg_file"])
+    return ids, meta["segments_info"]
 
 
 @torch.no_grad()

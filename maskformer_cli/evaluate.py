@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.postprocess import channels_last_default
 from maskformer_cli.precision import check_precision
@@ -113,20 +112,13 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
 
 def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference, tta, batch_size, limit, device,
                          overrides=(), precision: str = "fp32"):
-    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.data.build import build_eval_loader
     from maskformer_cli.engine import evaluate
     from maskformer_cli.models.flops import count_flops
     from maskformer_cli.postprocess import build_postprocessor
-    from maskformer_cli.weights import load_for_inference
+    from maskformer_cli.weights import load_for_evaluation
 
-    loaded = load_for_inference(checkpoint, device, dataset=dataset)
-    recipe = override_recipe(loaded.recipe, overrides)
-    if dataset is None and loaded.dataset is None:
-        raise UserError(f"{checkpoint} does not record its dataset: pass --dataset")
-    info = dataset_info(recipe.data)
-    if info.num_classes != len(loaded.classes):
-        raise UserError(f"the model predicts {len(loaded.classes)} classes, dataset '{info.name}' has "
-                        f"{info.num_classes}")
+    loaded, recipe, info = load_for_evaluation(checkpoint, device, dataset=dataset, overrides=overrides)
     mask_cls = recipe.model.meta_architecture == "maskformer"
     task = recipe.data.task if info.task == "panoptic" else "semantic"
     if metric == "pq" and info.task == "panoptic":

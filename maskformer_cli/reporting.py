@@ -25,6 +25,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from maskformer_cli.errors import UserError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -363,7 +365,7 @@ def save_prediction_overlay(pred: dict, meta: dict, classes: list[str], colors: 
         elif any(k in meta for k in ("sem_seg", "sem_seg_file", "pan_seg_file")):
             gt = overlay(image, load_semantic_gt(meta, ignore_label).numpy(), colors, classes,
                          ignore_label=ignore_label)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, UserError):  # UserError: the dataset's reader names the bad file
         gt = None
     if gt is not None:
         out = _titled([("ground truth", gt), ("prediction", out)])

@@ -99,6 +99,26 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
                        dataset=ds_name, sha256=file_hash(path))
 
 
+def load_for_evaluation(path: Path, device: torch.device, *, dataset: str | None = None,
+                        overrides: list[str] | tuple[str, ...] = (), recipe: Recipe | None = None,
+                        ) -> tuple[LoadedModel, Recipe, DatasetInfo]:
+    """A checkpoint ready to evaluate: its model (`load_for_inference`), the recipe it is evaluated under
+    (`recipe`, else its own with inference.* / data.* `overrides`) and that recipe's dataset facts, which
+    must have the classes the model predicts."""
+    from maskformer_cli.config import override_recipe
+    from maskformer_cli.data.build import dataset_info
+
+    loaded = load_for_inference(path, device, dataset=dataset)
+    recipe = recipe if recipe is not None else override_recipe(loaded.recipe, overrides)
+    if dataset is None and loaded.dataset is None:
+        raise UserError(f"{path} does not record its dataset: pass --dataset")
+    info = dataset_info(recipe.data)
+    if info.num_classes != len(loaded.classes):
+        raise UserError(f"the model predicts {len(loaded.classes)} classes, dataset '{info.name}' has "
+                        f"{info.num_classes}")
+    return loaded, recipe, info
+
+
 def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
     """Fine-tuning start: load weights only; keys whose shapes differ (the class head when K differs) are
     skipped and returned; any other missing or unexpected key is an error."""

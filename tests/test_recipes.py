@@ -281,7 +281,7 @@ def test_per_pixel_baseline_plus_recipes_train_every_decoder_layer(name, recipe)
 
     assert recipe.model.deep_supervision, name
     model = build_model(tiny(recipe), K_TINY).train()
-    crit = build_criterion(recipe, K_TINY)
+    crit = build_criterion(recipe.loss, K_TINY, mask_classification=False)
     target = Target(classes=torch.tensor([0, 1]), masks=torch.zeros(2, 64, 64, dtype=torch.bool))
     target.masks[0, :32], target.masks[1, 32:] = True, True
     losses = crit(model(torch.randn(1, 3, 64, 64)), [target])

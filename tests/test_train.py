@@ -111,8 +111,8 @@ def test_nonfinite_loss_policy(tmp_path, data_root, monkeypatch):
 
     real = train_mod.build_criterion
 
-    def poisoned(recipe, num_classes):
-        crit = real(recipe, num_classes)
+    def poisoned(*args, **kwargs):
+        crit = real(*args, **kwargs)
         orig = crit.forward
 
         def forward(outputs, targets):

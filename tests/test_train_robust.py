@@ -106,7 +106,7 @@ def test_train_step_leaves_out_an_empty_micro_batch(data_root):
     results, weights = [], []
     for micro in ([batch], [empty, batch], [empty]):
         m = copy.deepcopy(model)
-        results.append(train_step(m, build_criterion(recipe, info.num_classes), build_optimizer(m, recipe.solver),
+        results.append(train_step(m, build_criterion(recipe.loss, info.num_classes), build_optimizer(m, recipe.solver),
                                   micro, device=torch.device("cpu")))
         weights.append(m.state_dict())
     alone, mixed, none = results

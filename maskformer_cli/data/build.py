@@ -182,7 +182,7 @@ def build_eval_loader(data: DataConfig, info: DatasetInfo, *, split: str | None 
     """This rank's exact shard of a split, with the test-time resize; no padded duplicates."""
     root = ensure_prepared(info, data)
     ds = build_dataset(info, datasets_root(data.root), split or data.val_split, task or data.task,
-                       build_transforms(data, train=False))
+                       build_transforms(data, train=False), keep_ground_truth=True)
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
     if len(ds) == 0:

@@ -1,5 +1,6 @@
 """The package has no import circle: its module graph, read from the source (every `import`, the ones inside
-functions included, as a deferred import is still a dependency), is acyclic."""
+functions included, as a deferred import is still a dependency), is acyclic. And no test module imports
+another test module."""
 
 from __future__ import annotations
 
@@ -127,3 +128,17 @@ def test_the_reader_sees_cycles_through_deferred_and_relative_imports(tmp_path):
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"}
     assert graph["pkg.d"] == set()  # a TYPE_CHECKING import never runs
     assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in conftest.py or helper modules (tiny_recipe, prepare_utils, bad_inputs), so
+    that running one test module never runs (or collects twice) another's tests."""
+    tests = Path(__file__).resolve().parent
+    test_modules = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0] in test_modules]
+    assert len(test_modules) > 30 and not found, found

@@ -8,7 +8,7 @@ its checkpoint once per variant). Every variant must build a valid recipe; error
 A plain recipe file is read as a one-variant ablation (to repeat it over seeds, e.g. Cityscapes' median of 5).
 Command-line `key=value` overrides apply to the base and to every variant, after the variant's own keys:
 the command line wins, as with `maskformer train`.
-`ablate.py` expands an Ablation into runs and runs them.
+`commands/ablate.py` expands an Ablation into runs and runs them.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def info(
 ) -> None:
     """Build the model of a recipe (no pretrained weights: nothing is downloaded) and print its summary:
     parameters per module, FLOPs and, with --fps, images per second (the paper's params / FLOPs / fps)."""
-    from maskformer_cli.summary import run_info
+    from maskformer_cli.commands.info import run_info
     recipe, overrides, size = _info_inputs(recipe, overrides or [], size)
     run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops, fps=fps, fps_size=fps_size,
              device=device, precision=precision)
@@ -127,7 +127,7 @@ def prepare_data(
     seed: Annotated[int, typer.Option(help="synthetic: random seed.")] = 0,
 ) -> None:
     """Download (resumable, checksummed) and convert a dataset into the layout the tools read."""
-    from maskformer_cli.data.prepare import run_prepare
+    from maskformer_cli.commands.prepare_data import run_prepare
     run_prepare(
         name,
         root=root,
@@ -163,7 +163,7 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
-    from maskformer_cli.train import run_train
+    from maskformer_cli.commands.train import run_train
     if precision is not None:
         # One name per idea: the flag is a shorthand for the recipe key, validated by the config loader.
         overrides = [*(overrides or []), f"solver.precision={precision}"]
@@ -218,7 +218,7 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Compute mIoU, PQ and PQ-stuff of a checkpoint (or of saved predictions) on a dataset split."""
-    from maskformer_cli.evaluate import run_evaluate
+    from maskformer_cli.commands.evaluate import run_evaluate
     run_evaluate(
         checkpoint,
         dataset=dataset,
@@ -270,7 +270,7 @@ def predict(
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
-    from maskformer_cli.predict import run_predict
+    from maskformer_cli.commands.predict import run_predict
     run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [],
                 exist_ok=exist_ok, batch_size=batch_size, precision=precision, overlays=overlays, rle=rle)
 
@@ -296,7 +296,7 @@ def ablate(
     out: Annotated[Path | None, typer.Option(help="Output directory for the runs and the table.")] = None,
 ) -> None:
     """Train and evaluate every variant of an ablation and print the paper-style table."""
-    from maskformer_cli.ablate import run_ablate
+    from maskformer_cli.commands.ablate import run_ablate
     result = run_ablate(file, overrides or [], seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
     if result.stop_signal is not None:
         # Stopped by a signal (checkpoint saved): not finished, so not exit 0 (schedulers, `&&` chains).

@@ -16,10 +16,10 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 from prepare_utils import console_text, jpg_bytes, png_bytes, quiet_console
 
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.catalog import datasets_root, get_dataset_info
 from maskformer_cli.data.custom import check_custom
 from maskformer_cli.data.datasets import build_dataset
-from maskformer_cli.data.prepare import run_prepare
 from maskformer_cli.errors import UserError
 
 CLASSES = ["road", "car", "person"]

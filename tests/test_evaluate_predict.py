@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from maskformer_cli.cli import app
 from maskformer_cli.config import load_recipe
 from maskformer_cli.errors import UserError
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 
 runner = CliRunner()
 
@@ -156,7 +156,7 @@ def test_query_stats_plot(trained, tmp_path):
 
 
 def test_label_pngs_are_uint16_beyond_255_classes(tmp_path):
-    from maskformer_cli.predict import _save_label_png
+    from maskformer_cli.commands.predict import _save_label_png
 
     labels = np.array([[0, 299], [256, 65535]], np.int64)
     _save_label_png(labels, 300, tmp_path / "a.png")
@@ -386,7 +386,7 @@ def test_panoptic_predictions_give_the_checkpoints_metrics_all(trained, tmp_path
 
 
 def test_output_names_are_unique_even_against_numbered_names():
-    from maskformer_cli.predict import output_names
+    from maskformer_cli.commands.predict import output_names
 
     files = [Path(p) for p in ("/c/x.jpg", "/c/x.png", "/c/x_jpg.png", "/c/x_jpg_1.jpg", "/a/y.JPG", "/a/y.jpg",
                                "/a/z.png")]
@@ -397,7 +397,7 @@ def test_output_names_are_unique_even_against_numbered_names():
 
 def test_predict_names_what_a_folder_search_skips(tmp_path, capsys):
     """Sub-folders and broken symbolic links in an input folder are named, not silently dropped."""
-    from maskformer_cli.predict import collect_inputs
+    from maskformer_cli.commands.predict import collect_inputs
     from maskformer_cli.reporting import console
 
     folder = tmp_path / "imgs"

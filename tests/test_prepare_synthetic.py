@@ -6,7 +6,7 @@ from __future__ import annotations
 import tiny_recipe
 from prepare_utils import console_text, quiet_console
 
-from maskformer_cli.data.prepare import run_prepare
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.staging import stamp_entry
 
 

@@ -17,12 +17,12 @@ import yaml
 from PIL import Image
 from tiny_recipe import TINY, read_jsonl, tiny
 
-import maskformer_cli.train as train_mod
+import maskformer_cli.trainer as train_mod
 from maskformer_cli.config import recipe_from_dict
 from maskformer_cli.data.build import dataset_info
 from maskformer_cli.errors import UserError
 from maskformer_cli.step_policy import MAX_SAMPLELESS_STEPS
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 
 
 def make_custom(root: Path, *, splits=("train", "val"), n: int = 4, missing_label=(), bad_value=(),

@@ -131,7 +131,7 @@ def _synthetic(num_classes: int = 12, **_: object) -> DatasetInfo:
 
 # ------------------------------------------------------------------------------ the paper's datasets
 # Layouts are those of detectron2/MaskFormer, so existing prepared trees work unchanged; prepare-data
-# (data/prepare.py, data/converters/) makes them from the official archives.
+# (commands/prepare_data.py, data/converters/) makes them from the official archives.
 
 _ADE_SEM_SEG = {"train": ("images/training", "annotations_detectron2/training"),
                 "val": ("images/validation", "annotations_detectron2/validation")}

@@ -1,7 +1,7 @@
-"""`maskformer train`: the run directory, resume, checkpoints, signals, evaluation during training.
+"""Training: the run directory, resume, checkpoints, signals, evaluation during training.
 
-`train(recipe, run_dir, ...)` is the programmatic entry (tests and `ablate` call it); `run_train` is what
-the CLI calls: it relaunches under torchrun for `--gpus N` and sets up the process group. Both run a
+`train(recipe, run_dir, ...)` is the programmatic entry (tests, `ablate`, and the `train` command in
+commands/train.py, which adds the torchrun relaunch and the process group). It runs a
 `Trainer`: its constructor builds the run (and restores it on resume), `Trainer.train` is the loop: step
 (`engine.train_step`, judged by `step_policy.StepPolicy`), checkpoint and evaluate on the `Schedule`
 (checkpoint content: `checkpoint.training_checkpoint`), final save and evaluation.
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,7 +20,6 @@ from typing import Any
 import torch
 
 from maskformer_cli import distributed as dist
-from maskformer_cli import launch
 from maskformer_cli.checkpoint import (
     CheckpointManager,
     capture_rng_state,
@@ -33,11 +30,11 @@ from maskformer_cli.checkpoint import (
 from maskformer_cli.checkpoint import (
     load as load_checkpoint,
 )
-from maskformer_cli.config import Recipe, dump_recipe, load_recipe, to_dict, with_absolute_dataset_spec
+from maskformer_cli.config import Recipe, dump_recipe, to_dict, with_absolute_dataset_spec
 from maskformer_cli.criterion import build_criterion
 from maskformer_cli.data.build import build_eval_loader, build_train_dataset, build_train_loader, dataset_info
 from maskformer_cli.engine import StepResult, default_metrics, evaluate, train_step
-from maskformer_cli.errors import UserError, one_line, verbose
+from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
 from maskformer_cli.postprocess import build_postprocessor
@@ -46,37 +43,6 @@ from maskformer_cli.run_dir import env_json, prepare_run_dir
 from maskformer_cli.signals import StopFlag
 from maskformer_cli.step_policy import StepPolicy
 from maskformer_cli.weights import load_init_weights
-
-
-def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_from: Path | None, gpus: int,
-              run_dir: Path | None, exist_ok: bool, device: str) -> None:
-    """The `train` command. A run stopped by SIGINT / SIGTERM (checkpoint saved) exits with 128 + the signal
-    (130, 143), not 0."""
-    recipe = load_recipe(recipe_path, overrides)
-    if gpus > 0 and "LOCAL_RANK" not in os.environ:
-        argv = launch.strip_option(sys.argv[1:], "--gpus")
-        raise SystemExit(launch.relaunch_with_torchrun(gpus, argv))
-    try:
-        info = dist.init_distributed(device)
-        try:
-            result = train(recipe, run_dir=run_dir, resume=resume, init_from=init_from, exist_ok=exist_ok,
-                           device=info.device)
-        finally:
-            dist.cleanup()
-    except UserError as e:
-        # A rank of `train --gpus N`: the relaunching process prints the job's one line (rank 0's).
-        if launch.report_user_error(one_line(e)) and not verbose():
-            raise SystemExit(1) from None
-        raise
-    except Exception:
-        # A peer's UserError ended its process, which breaks this rank's collectives ("Connection closed"):
-        # a consequence, not a second error worth a traceback.
-        if launch.peer_reported_user_error() and not verbose():
-            raise SystemExit(1) from None
-        raise
-    if result.stop_signal is not None:
-        # A stopped run is not a finished one: `train && evaluate` and schedulers must see the failure.
-        raise SystemExit(128 + result.stop_signal)
 
 
 @dataclass
@@ -431,4 +397,4 @@ class Trainer:
         return manager
 
 
-__all__ = ["run_train", "train", "Trainer", "TrainResult"]
+__all__ = ["train", "Trainer", "TrainResult"]

@@ -242,7 +242,7 @@ Runner = Callable[[list[str]], int]
 
 
 def _default_train(recipe: Recipe, **kwargs: Any) -> Any:
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     return train(recipe, **kwargs)
 

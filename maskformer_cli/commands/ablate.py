@@ -369,6 +369,21 @@ def check_out(runs: list[Run]) -> None:
         check_run_config(run)
 
 
+def _print_dry_run(ablation: Ablation, trains: list[Run], evals: list[Run], gpus: int, seeds: int, out: Path,
+                   console: Any) -> list[str]:
+    """Print (and return) the commands that run the ablation on `gpus` GPUs per run."""
+    commands = dry_run_commands(ablation, trains, evals, gpus)
+    nodes = (f" ({gpus // GPUS_PER_NODE} nodes x {GPUS_PER_NODE}: start each command on every node, with "
+             f"MASTER_ADDR set to the first node's address)") if gpus > GPUS_PER_NODE else ""
+    console.print(f"[bold]{ablation.name}[/]: {len(ablation.variants)} variants x {seeds} seed(s), "
+                  f"{gpus} GPU(s) per run{nodes}; recipes in {out / 'recipes'}")
+    for line in commands:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print("When the jobs have finished, run the same command without --dry-run to collect the table "
+                  "(finished runs are read, not redone).", highlight=False)
+    return commands
+
+
 def run_ablate(file: Path, overrides: list[str] | tuple[str, ...] = (), *, seeds: int = 1, dry_run: bool = False,
                gpus: int = 0, out: Path | None = None, device: str = "auto", train_fn: TrainFn | None = None,
                evaluate_fn: EvaluateFn | None = None, runner: Runner | None = None,
@@ -395,16 +410,7 @@ def run_ablate(file: Path, overrides: list[str] | tuple[str, ...] = (), *, seeds
         write_recipe_file(run, ablation)
 
     if dry_run:
-        g = gpus or ablation.gpus
-        commands = dry_run_commands(ablation, trains, evals, g)
-        nodes = (f" ({g // GPUS_PER_NODE} nodes x {GPUS_PER_NODE}: start each command on every node, with "
-                 f"MASTER_ADDR set to the first node's address)") if g > GPUS_PER_NODE else ""
-        console.print(f"[bold]{ablation.name}[/]: {len(ablation.variants)} variants x {seeds} seed(s), "
-                      f"{g} GPU(s) per run{nodes}; recipes in {out / 'recipes'}")
-        for line in commands:
-            console.print(line, highlight=False, soft_wrap=True, markup=False)
-        console.print("When the jobs have finished, run the same command without --dry-run to collect the table "
-                      "(finished runs are read, not redone).", highlight=False)
+        commands = _print_dry_run(ablation, trains, evals, gpus or ablation.gpus, seeds, out, console)
         return AblationResult(out=out, rows=[], commands=commands, complete=False)
 
     train_fn = train_fn or _default_train

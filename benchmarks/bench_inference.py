@@ -158,8 +158,8 @@ def predict_mode(args, device: torch.device) -> None:
     from PIL import Image
     from transformers import MaskFormerImageProcessor
 
+    from maskformer_cli.commands.predict import collect_inputs, predict_files
     from maskformer_cli.data.catalog import get_dataset_info
-    from maskformer_cli.predict import collect_inputs, predict_files
     from maskformer_cli.weights import load_for_inference
 
     with tempfile.TemporaryDirectory() as tmp:

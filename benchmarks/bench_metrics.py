@@ -31,7 +31,8 @@ from PIL import Image
 
 from maskformer_cli.data.datasets import read_panoptic_ids
 from maskformer_cli.data.prefetch import default_workers, prefetched
-from maskformer_cli.metrics import PanopticMetrics, SemanticMetrics
+from maskformer_cli.metrics import SemanticMetrics
+from maskformer_cli.metrics_panoptic import PanopticMetrics
 
 CATEGORIES = [{"id": i + 1, "name": f"c{i}", "isthing": int(i < 80)} for i in range(133)]
 

@@ -44,7 +44,8 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
     from maskformer_cli.config import load_recipe
     from maskformer_cli.criterion import build_criterion
     from maskformer_cli.models import build_model, normalize
-    from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+    from maskformer_cli.models.convert import load_checkpoint_weights
+    from maskformer_cli.models.strict_load import load_into
     from maskformer_cli.structures import Target
 
     K = 150
@@ -60,7 +61,7 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
                                 f"model.deep_supervision={str(deep_supervision).lower()}"])
     ours = build_model(recipe.model, K)
     load_into(ours, state)
-    criterion = build_criterion(recipe, K)
+    criterion = build_criterion(recipe.loss, K)
     hf.to(device).train()
     ours.to(device).train()
 

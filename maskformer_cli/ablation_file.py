@@ -8,7 +8,7 @@ its checkpoint once per variant). Every variant must build a valid recipe; error
 A plain recipe file is read as a one-variant ablation (to repeat it over seeds, e.g. Cityscapes' median of 5).
 Command-line `key=value` overrides apply to the base and to every variant, after the variant's own keys:
 the command line wins, as with `maskformer train`.
-`ablate.py` expands an Ablation into runs and runs them.
+`commands/ablate.py` expands an Ablation into runs and runs them.
 """
 
 from __future__ import annotations
@@ -120,6 +120,25 @@ def is_plain_recipe(data: Any) -> bool:
     return isinstance(data, dict) and bool(data) and set(data) <= set(Recipe.__dataclass_fields__)
 
 
+def _paper_numbers(paper_raw: Any, names: list[str], where: str) -> dict[str, dict[str, float]]:
+    """The file's `paper:` section, {variant: {metric: number}}, checked against the variant names."""
+    if not isinstance(paper_raw, dict):
+        raise ConfigError(f"{where}: paper: expected {{variant: {{metric: number}}}}")
+    paper: dict[str, dict[str, float]] = {}
+    for vname, numbers in paper_raw.items():
+        if str(vname) not in names:
+            raise ConfigError(f"{where}: paper: '{vname}' is not a variant{suggest(str(vname), names)}")
+        if not isinstance(numbers, dict):
+            raise ConfigError(f"{where}: paper: '{vname}': expected {{metric: number}}, got {numbers!r}")
+        row: dict[str, float] = {}
+        for metric, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}: paper: '{vname}'.{metric}: expected a number, got {value!r}")
+            row[str(metric)] = float(value)
+        paper[str(vname)] = row
+    return paper
+
+
 def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", source: Path | None = None,
                    overrides: Sequence[str] = ()) -> Ablation:
     """An `Ablation` from the mapping of an ablation file (or of a plain recipe: one variant named after the
@@ -178,22 +197,7 @@ def parse_ablation(data: dict[str, Any], *, default_name: str = "ablation", sour
         metrics = default_metrics([v.recipe for v in variants])
     if not isinstance(metrics, list | tuple) or not all(isinstance(m, str) for m in metrics) or not metrics:
         raise ConfigError(f"{where}: metrics: expected a list of metric names like [mIoU, PQ_stuff], got {metrics!r}")
-    paper_raw = data.get("paper") or {}
-    if not isinstance(paper_raw, dict):
-        raise ConfigError(f"{where}: paper: expected {{variant: {{metric: number}}}}")
-    paper: dict[str, dict[str, float]] = {}
-    names = [v.name for v in variants]
-    for vname, numbers in paper_raw.items():
-        if str(vname) not in names:
-            raise ConfigError(f"{where}: paper: '{vname}' is not a variant{suggest(str(vname), names)}")
-        if not isinstance(numbers, dict):
-            raise ConfigError(f"{where}: paper: '{vname}': expected {{metric: number}}, got {numbers!r}")
-        row: dict[str, float] = {}
-        for metric, value in numbers.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{where}: paper: '{vname}'.{metric}: expected a number, got {value!r}")
-            row[str(metric)] = float(value)
-        paper[str(vname)] = row
+    paper = _paper_numbers(data.get("paper") or {}, [v.name for v in variants], where)
     gpus = data.get("gpus", 1)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"{where}: gpus: expected a positive integer (GPUs per run), got {gpus!r}")

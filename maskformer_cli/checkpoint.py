@@ -3,8 +3,11 @@
 A checkpoint written by the engine is a dict loadable with `torch.load(weights_only=True)`:
 
     {"format_version": 1, "step": int, "model": state_dict, "optimizer": ..., "scheduler": ...,
-     "scaler": ..., "rng": [capture_rng_state() of rank 0, rank 1, ...], "sampler": {"epoch", "position"},
-     "best_metric": float | None, "recipe": to_dict(recipe), "classes": [names], "dataset": str}
+     "scaler": ..., "rng": [capture_rng_state() of rank 0, rank 1, ...], "sampler": {"position"},
+     "best_metric": float | None, "recipe": to_dict(recipe), "classes": [names], "dataset": str,
+     "thing_ids": [ids], "ignore_label": int}
+
+`training_checkpoint` builds it and `restore_training` restores a run from it.
 
 Everything in it is tensors, dicts, lists, tuples, numbers, strings or None: no pickled objects, so
 loading a file never executes code.
@@ -269,6 +272,51 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu().to(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------- training state
+
+
+def training_checkpoint(
+    *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+    rng: list[dict[str, Any]], position: int, best_metric: float | None, recipe_dict: dict[str, Any],
+    dataset: Any, extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint of a training run at `step` (the format in this module's docstring).
+
+    rng: every rank's `capture_rng_state()`; position: samples the sampler has handed out (this rank's
+    share); recipe_dict: `config.to_dict(recipe)`; dataset: its DatasetInfo (classes, name, things, ignore
+    label); extra: diagnostics such as `ddp_params_identical`."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng,
+        "sampler": {"position": position}, "best_metric": best_metric,
+        "recipe": recipe_dict, "classes": list(dataset.classes), "dataset": dataset.name,
+        "thing_ids": list(dataset.thing_ids), "ignore_label": dataset.ignore_label, **(extra or {}),
+    }
+
+
+def restore_training(
+    ckpt: dict[str, Any], recipe_dict: Mapping[str, Any], *, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, rank: int,
+) -> tuple[int, float | None]:
+    """Inverse of `training_checkpoint` for resume: checks that `ckpt` fits the recipe (`check_compatible`),
+    loads model, optimizer, scheduler, scaler and this rank's RNG state; returns (step, best metric)."""
+    saved_ds = ((ckpt.get("recipe") or {}).get("data") or {}).get("dataset")
+    current_ds = (recipe_dict.get("data") or {}).get("dataset")
+    if isinstance(saved_ds, str) and os.path.abspath(saved_ds) == current_ds:
+        ckpt["recipe"]["data"]["dataset"] = current_ds  # saved relative by an earlier version
+    check_compatible(ckpt, recipe_dict)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt.get("rng") or []
+    if rank < len(rngs):
+        restore_rng_state(rngs[rank])
+    return int(ckpt["step"]), ckpt.get("best_metric")
 
 
 # -------------------------------------------------------------------------------------- compatibility

@@ -7,16 +7,14 @@ shows the traceback.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from maskformer_cli import __version__
-from maskformer_cli.errors import NotBuiltError, UserError
+from maskformer_cli import __version__, errors
+from maskformer_cli.errors import UserError
 
 app = typer.Typer(
     name="maskformer",
@@ -26,8 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_state = {"verbose": False}
 
 # Shared options, defined once.
 Overrides = Annotated[
@@ -53,22 +49,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    _state["verbose"] = verbose or bool(os.environ.get("MASKFORMER_VERBOSE"))
-
-
-def _command(module: str, func: str, what: str, issue: str):
-    """Import a command's implementation; a module that does not exist yet is a clear 'not built'."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"maskformer_cli.{module}")
-    except ModuleNotFoundError as e:
-        if e.name == f"maskformer_cli.{module}":
-            raise NotBuiltError(
-                f"'{what}' is not built yet in maskformer {__version__} (tracked in {issue})."
-            ) from None
-        raise
-    return getattr(mod, func)
+    errors.set_verbose(verbose)
 
 
 # ------------------------------------------------------------------------------------------------ info
@@ -93,7 +74,7 @@ def info(
 ) -> None:
     """Build the model of a recipe (no pretrained weights: nothing is downloaded) and print its summary:
     parameters per module, FLOPs and, with --fps, images per second (the paper's params / FLOPs / fps)."""
-    run_info = _command("summary", "run_info", "info", "issue #2")
+    from maskformer_cli.commands.info import run_info
     recipe, overrides, size = _info_inputs(recipe, overrides or [], size)
     run_info(recipe, overrides, num_classes=num_classes, size=size, count_flops=flops, fps=fps, fps_size=fps_size,
              device=device, precision=precision)
@@ -146,7 +127,7 @@ def prepare_data(
     seed: Annotated[int, typer.Option(help="synthetic: random seed.")] = 0,
 ) -> None:
     """Download (resumable, checksummed) and convert a dataset into the layout the tools read."""
-    run_prepare = _command("data.prepare", "run_prepare", "prepare-data", "issue #3")
+    from maskformer_cli.commands.prepare_data import run_prepare
     run_prepare(
         name,
         root=root,
@@ -182,7 +163,7 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Train MaskFormer (or a baseline) from a recipe; works as is under torchrun."""
-    run_train = _command("train", "run_train", "train", "issue #4")
+    from maskformer_cli.commands.train import run_train
     if precision is not None:
         # One name per idea: the flag is a shorthand for the recipe key, validated by the config loader.
         overrides = [*(overrides or []), f"solver.precision={precision}"]
@@ -237,7 +218,7 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Compute mIoU, PQ and PQ-stuff of a checkpoint (or of saved predictions) on a dataset split."""
-    run_evaluate = _command("evaluate", "run_evaluate", "evaluate", "issue #5")
+    from maskformer_cli.commands.evaluate import run_evaluate
     run_evaluate(
         checkpoint,
         dataset=dataset,
@@ -289,7 +270,7 @@ def predict(
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
-    run_predict = _command("predict", "run_predict", "predict", "issue #5")
+    from maskformer_cli.commands.predict import run_predict
     run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [],
                 exist_ok=exist_ok, batch_size=batch_size, precision=precision, overlays=overlays, rle=rle)
 
@@ -315,7 +296,7 @@ def ablate(
     out: Annotated[Path | None, typer.Option(help="Output directory for the runs and the table.")] = None,
 ) -> None:
     """Train and evaluate every variant of an ablation and print the paper-style table."""
-    run_ablate = _command("ablate", "run_ablate", "ablate", "issue #6")
+    from maskformer_cli.commands.ablate import run_ablate
     result = run_ablate(file, overrides or [], seeds=seeds, dry_run=dry_run, gpus=gpus, out=out)
     if result.stop_signal is not None:
         # Stopped by a signal (checkpoint saved): not finished, so not exit 0 (schedulers, `&&` chains).
@@ -325,27 +306,16 @@ def ablate(
 # ------------------------------------------------------------------------------------------ entrypoint
 
 
-def _original_message(e: UserError) -> str:
-    """The user's one line. A UserError raised in a DataLoader worker reaches here re-raised by torch with
-    the worker's whole traceback as its message: keep only the original error's text."""
-    text = str(e)
-    marker = "Original Traceback (most recent call last):"
-    if marker not in text:
-        return text
-    lines = [ln for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
-    return re.sub(r"^[\w.]+Error: ", "", lines[-1]) if lines else text
-
-
 def main() -> None:
     """Console entry point: run the app, turning known errors into one red line."""
     try:
         app()
     except UserError as e:
-        if _state["verbose"]:
+        if errors.verbose():
             raise
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {_original_message(e)}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {errors.one_line(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

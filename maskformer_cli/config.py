@@ -335,10 +335,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
-def _check_model_and_loss(recipe: Recipe) -> None:
-    """Options the chosen model cannot honour are errors at load time, not silently ignored."""
+def _check_across_sections(recipe: Recipe) -> None:
+    """Options the chosen model, data or loss cannot honour together are errors at load time, not silently
+    ignored or found when training starts; so each builder takes its own section (and plain numbers)."""
     m, loss = recipe.model, recipe.loss
     arch = m.meta_architecture
+    if arch == "maskformer" and loss.matcher == "box" and not m.box_head:
+        raise ConfigError("loss.matcher=box needs model.box_head=true")
+    if arch == "maskformer" and loss.matcher == "fixed" and recipe.data.task != "semantic":
+        raise ConfigError("loss.matcher=fixed needs data.task=semantic (one segment per class)")
+    # Fixed matching also needs one query per class; the number of classes is the dataset's, known when the
+    # dataset is opened, so `build_criterion` checks that one.
     if arch != "maskformer":
         if m.box_head:
             raise ConfigError(f"model.box_head: {arch} has no box head (it is for MaskFormer with loss.matcher=box)")
@@ -417,7 +424,7 @@ def validate(obj: Any, prefix: str = "", *, unused_checks: bool = True) -> None:
     """Range checks that types alone cannot express, and (for a whole Recipe) options its model cannot
     honour."""
     if isinstance(obj, Recipe):
-        _check_model_and_loss(obj)
+        _check_across_sections(obj)
         if unused_checks:
             _check_unused_model_options(obj.model)
             _check_unused_loss_options(obj)

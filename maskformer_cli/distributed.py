@@ -149,6 +149,17 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         torch.distributed.broadcast(b.data, src)
 
 
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """A position-weighted sum of every parameter and float buffer: equal for identical replicas, different otherwise."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate([*model.parameters(), *model.buffers()]):
+        if not p.is_floating_point():
+            continue
+        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device) % 9973 + i
+        total += (p.detach().double().flatten() * w).sum().cpu()
+    return float(total)
+
+
 def any_nonfinite(loss: torch.Tensor | float) -> bool:
     """True on EVERY rank when the loss (any element) is NaN/inf on ANY rank, so all ranks skip together.
 

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.metrics import PanopticMetrics, PQStuffMetrics, SemanticMetrics
+from maskformer_cli.data.datasets import read_label, read_panoptic_ids, segments_to_categories
+from maskformer_cli.metrics import SemanticMetrics
+from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
 from maskformer_cli.models import normalize
 from maskformer_cli.postprocess import PostProcessor
 from maskformer_cli.precision import autocast
@@ -69,19 +70,9 @@ def train_step(
     criterion and the gradient all-reduce are collectives that every rank must run equally often.
     """
     optimizer.zero_grad(set_to_none=True)
-    sizes = [len(b) for b in micro_batches]
-    if dist.get_world_size() > 1:
-        # one small collective: [micro-batches without a sample, samples], summed over ranks
-        empty, samples = (int(v) for v in dist.all_reduce_sum(
-            torch.tensor([sum(k == 0 for k in sizes), sum(sizes)], device=device)).tolist())
-        if empty:
-            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True,
-                              samples=samples)
-    else:
-        samples = sum(sizes)
-        micro_batches = [b for b, k in zip(micro_batches, sizes, strict=True) if k]
-        if not micro_batches:
-            return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=0)
+    micro_batches, samples = _runnable_micro_batches(micro_batches, device)
+    if not micro_batches:
+        return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=samples)
     n = len(micro_batches)
     totals: list[float] = []
     named: dict[str, float] = {}
@@ -111,12 +102,7 @@ def train_step(
 
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if clip_fn is not None and clip_grad > 0:
-        grad_norm = float(clip_fn(params, clip_grad))
-    else:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+    grad_norm = _grad_norm(optimizer, clip_grad, clip_fn)
     # The loss differs per rank, so its verdict is agreed by a collective; gradients are already
     # all-reduced by DDP, so every rank sees the same grad norm.
     loss_bad = dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device))
@@ -139,6 +125,27 @@ def train_step(
     else:
         optimizer.step()
     return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=False, samples=samples)
+
+
+def _runnable_micro_batches(micro_batches: list, device: torch.device) -> tuple[list, int]:
+    """(the micro-batches to run, samples in all of them summed over ranks). An empty micro-batch is left out
+    in a single process; under DDP none runs (an empty list) when any rank has one."""
+    sizes = [len(b) for b in micro_batches]
+    if dist.get_world_size() > 1:
+        # one small collective: [micro-batches without a sample, samples], summed over ranks
+        empty, samples = (int(v) for v in dist.all_reduce_sum(
+            torch.tensor([sum(k == 0 for k in sizes), sum(sizes)], device=device)).tolist())
+        return ([] if empty else micro_batches), samples
+    return [b for b, k in zip(micro_batches, sizes, strict=True) if k], sum(sizes)
+
+
+def _grad_norm(optimizer: torch.optim.Optimizer, clip_grad: float, clip_fn: Callable | None) -> float:
+    """The total gradient norm of the optimised parameters, after clipping it to `clip_grad` with `clip_fn`."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if clip_fn is not None and clip_grad > 0:
+        return float(clip_fn(params, clip_grad))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -228,27 +235,20 @@ class Evaluator:
 
 
 def load_semantic_gt(meta: dict, ignore_label: int) -> torch.Tensor:
-    """The original-resolution ground-truth label map of an image, from the dataset's meta."""
+    """The original-resolution ground-truth label map of an image, from the dataset's meta: the map the
+    dataset decoded (evaluation loaders keep it), else read from the file it names."""
     if "sem_seg" in meta:
         return meta["sem_seg"]
     if "sem_seg_file" not in meta:  # a panoptic dataset: the semantic map is its segments' categories
-        from maskformer_cli.data.datasets import segments_to_categories
-
         return segments_to_categories(*load_panoptic_gt(meta), ignore_label)
-    from PIL import Image
-
-    with Image.open(meta["sem_seg_file"]) as im:
-        return torch.from_numpy(np.array(im).astype(np.int64))
+    return torch.from_numpy(read_label(meta["sem_seg_file"]))
 
 
 def load_panoptic_gt(meta: dict) -> tuple[torch.Tensor, list[dict]]:
-    """(segment-id map [H,W] int64, segments_info with contiguous category ids) from the dataset's meta."""
-    from PIL import Image
-
-    with Image.open(meta["pan_seg_file"]) as im:
-        rgb = np.array(im.convert("RGB")).astype(np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-    return torch.from_numpy(ids), meta["segments_info"]
+    """(segment-id map [H,W] int64, segments_info with contiguous category ids) from the dataset's meta: the
+    map the dataset decoded (evaluation loaders keep it), else read from the PNG it names."""
+    ids = meta["pan_seg"] if "pan_seg" in meta else read_panoptic_ids(meta["pan_seg_file"])
+    return ids, meta["segments_info"]
 
 
 @torch.no_grad()

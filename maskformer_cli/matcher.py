@@ -15,7 +15,7 @@ masks live in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,24 @@ def _empty() -> tuple[torch.Tensor, torch.Tensor]:
 def _check_batch(outputs: MaskFormerOutput, targets: Sequence[Target]) -> None:
     if outputs.pred_logits.shape[0] != len(targets):
         raise ValueError(f"{outputs.pred_logits.shape[0]} predictions but {len(targets)} targets")
+
+
+def _match_each_image(
+    outputs: MaskFormerOutput, targets: Sequence[Target],
+    cost: Callable[[int, Target, torch.Tensor], torch.Tensor],
+) -> Indices:
+    """Hungarian matching image by image: `cost(b, target, kept)` is the [Q, M] cost of image b against the
+    target segments at indices `kept` (the matchable ones, on the target's device); autocast is off."""
+    indices: Indices = []
+    with torch.autocast(device_type=outputs.pred_logits.device.type, enabled=False):
+        for b, target in enumerate(targets):
+            keep = matchable(target)
+            if keep.numel() == 0:
+                indices.append(_empty())
+                continue
+            rows, cols = _solve(cost(b, target, keep.to(target.classes.device)))
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
+    return indices
 
 
 def _solve(cost: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -149,20 +167,8 @@ class HungarianMatcher:
         """outputs.pred_logits [B, Q, K+1], outputs.pred_masks [B, Q, h, w]; one Target per image."""
         _check_batch(outputs, targets)
         size = common_size(targets)
-        indices: Indices = []
-        with torch.autocast(device_type=outputs.pred_logits.device.type, enabled=False):
-            for b, target in enumerate(targets):
-                keep = matchable(target)
-                if keep.numel() == 0:
-                    indices.append(_empty())
-                    continue
-                kd = keep.to(target.classes.device)
-                cost = self.cost_matrix(
-                    outputs.pred_logits[b], outputs.pred_masks[b], target.classes[kd], target.masks[kd], size
-                )
-                rows, cols = _solve(cost)
-                indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
-        return indices
+        return _match_each_image(outputs, targets, lambda b, target, kd: self.cost_matrix(
+            outputs.pred_logits[b], outputs.pred_masks[b], target.classes[kd], target.masks[kd], size))
 
 
 class FixedMatcher:
@@ -236,21 +242,9 @@ class BoxMatcher:
         if outputs.pred_boxes is None:
             raise ValueError("box matching needs pred_boxes: build the model with model.box_head=true")
         size = common_size(targets)
-        indices: Indices = []
-        with torch.autocast(device_type=outputs.pred_logits.device.type, enabled=False):
-            for b, target in enumerate(targets):
-                keep = matchable(target)
-                if keep.numel() == 0:
-                    indices.append(_empty())
-                    continue
-                kd = keep.to(target.classes.device)
-                tgt_boxes = masks_to_boxes(target.masks[kd], size=size)
-                cost = self.cost_matrix(
-                    outputs.pred_logits[b], outputs.pred_boxes[b], target.classes[kd], tgt_boxes
-                )
-                rows, cols = _solve(cost)
-                indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
-        return indices
+        return _match_each_image(outputs, targets, lambda b, target, kd: self.cost_matrix(
+            outputs.pred_logits[b], outputs.pred_boxes[b], target.classes[kd],
+            masks_to_boxes(target.masks[kd], size=size)))
 
 
 Matcher = HungarianMatcher | FixedMatcher | BoxMatcher

@@ -1,7 +1,7 @@
 """Semantic segmentation metrics: mIoU, fwIoU, mAcc, pAcc from one streaming confusion matrix.
 
 The numbers follow detectron2's SemSegEvaluator (in percent). Panoptic quality (PQ, SQ, RQ) and PQ-stuff
-live in `metrics_panoptic.py` and are re-exported here.
+live in `metrics_panoptic.py`, which builds on `confusion_matrix` here.
 
 Every metric object is streaming and mergeable: `update` per image, `merge(other)` or, across DDP ranks,
 `t = m.state(); dist.all_reduce(t); m.load_state(t)`, then `compute()` on any rank. Sums of integer
@@ -12,26 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics, pq_image_stats
-
-__all__ = ["PanopticMetrics", "PQStuffMetrics", "SemanticMetrics", "confusion_matrix", "pq_image_stats"]
-
-_PANOPTIC_NAMES = ("PanopticMetrics", "PQStuffMetrics", "pq_image_stats")
-
-
-def __getattr__(name: str) -> Any:
-    # metrics_panoptic imports confusion_matrix from here: re-export lazily, without an import cycle.
-    if name in _PANOPTIC_NAMES:
-        from maskformer_cli import metrics_panoptic
-
-        return getattr(metrics_panoptic, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # Largest bincount with one row per raw ground-truth value (256 x 151 for ADE20K); beyond it (e.g. ignore
 # label 65535) the ignore label is remapped with torch.where instead.

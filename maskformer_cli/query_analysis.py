@@ -136,21 +136,20 @@ def analyze_checkpoint(checkpoint: Path, *, out: Path, split: str = "val", devic
                        console: Any = None, dataset: str | None = None) -> dict[str, Any]:
     """Run a MaskFormer checkpoint over a split; write query_categories.json and query_categories.png."""
     from maskformer_cli import distributed as dist
-    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.data.build import build_eval_loader
     from maskformer_cli.errors import UserError
     from maskformer_cli.postprocess import build_postprocessor, channels_last_default
     from maskformer_cli.reporting import console as default_console
-    from maskformer_cli.weights import load_for_inference
+    from maskformer_cli.weights import load_for_evaluation
 
     console = console or default_console
     dev = dist.resolve_device(device)
-    loaded = load_for_inference(Path(checkpoint), dev, dataset=dataset)
-    if loaded.recipe.model.meta_architecture != "maskformer":
+    loaded, recipe, info = load_for_evaluation(Path(checkpoint), dev, dataset=dataset)
+    if recipe.model.meta_architecture != "maskformer":
         raise UserError("query analysis needs a MaskFormer checkpoint (per-pixel baselines have no queries)")
-    info = dataset_info(loaded.recipe.data)
-    loader = build_eval_loader(loaded.recipe.data, info, split=split, limit=limit, num_workers=0)
+    loader = build_eval_loader(recipe.data, info, split=split, limit=limit, num_workers=0)
     model = loaded.model.eval()
-    pp = build_postprocessor(loaded.recipe.inference, info, channels_last=channels_last_default(dev))
+    pp = build_postprocessor(recipe.inference, info, channels_last=channels_last_default(dev))
 
     def outputs():
         for batch in loader:

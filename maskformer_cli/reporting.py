@@ -25,6 +25,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from maskformer_cli.errors import UserError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -98,11 +100,7 @@ class Logger:
                 fields, rows = reader.fieldnames or [], list(reader)
             kept_rows = [r for r in rows if not (r.get("step", "").isdigit() and int(r["step"]) > step)]
             dropped += len(rows) - len(kept_rows)
-            with open(path.with_suffix(".csv.tmp"), "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(kept_rows)
-            os.replace(path.with_suffix(".csv.tmp"), path)
+            write_csv(kept_rows, path, fields)
         return dropped
 
     def result(self, row: dict[str, Any]) -> None:
@@ -115,13 +113,7 @@ class Logger:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         rows.append({k: v for k, v in row.items() if not isinstance(v, list | dict)})
-        fields: list[str] = []
-        for r in rows:
-            fields += [k for k in r if k not in fields]
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, path)
 
     # ------------------------------------------------------------------------------------------ console
     def start(self, total: int, completed: int = 0, description: str = "train") -> None:
@@ -219,14 +211,19 @@ def per_class_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def write_per_class_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def write_csv(rows: list[dict[str, Any]], path: Path, fields: list[str] | None = None) -> None:
+    """`rows` as CSV with a header, replacing `path` atomically. Columns: `fields`, else every key of the
+    rows in order of first appearance (results.csv grows a column when a new metric appears)."""
+    if fields is None:
+        fields = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -368,7 +365,7 @@ def save_prediction_overlay(pred: dict, meta: dict, classes: list[str], colors: 
         elif any(k in meta for k in ("sem_seg", "sem_seg_file", "pan_seg_file")):
             gt = overlay(image, load_semantic_gt(meta, ignore_label).numpy(), colors, classes,
                          ignore_label=ignore_label)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, UserError):  # UserError: the dataset's reader names the bad file
         gt = None
     if gt is not None:
         out = _titled([("ground truth", gt), ("prediction", out)])

@@ -1,6 +1,7 @@
 """Rebuild a ready-to-run model from any checkpoint a user has: ours (.pt), official (.pkl), or a HF directory.
 
 Our checkpoints carry the resolved recipe and class names, so `evaluate` and `predict` need nothing else.
+`load_init_weights` is `train --init-from`: weights only, tensors whose shape differs re-initialised.
 Official and HF weights carry the architecture in their keys / config.json; class names come from the
 HF config or from `--dataset`.
 """
@@ -51,7 +52,8 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
     image is read), and class names, things and ignore label come from the dataset. Released weights carry
     no recipe: theirs gets the dataset's task and its single-scale test size (`DatasetInfo.test_size`).
     """
-    from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+    from maskformer_cli.models.convert import load_checkpoint_weights
+    from maskformer_cli.models.strict_load import load_into
 
     path = Path(path)
     if not path.exists():
@@ -95,3 +97,42 @@ def load_for_inference(path: Path, device: torch.device, dataset: str | None = N
     model.to(device).eval()
     return LoadedModel(model=model, recipe=recipe, classes=classes, thing_ids=thing_ids, ignore_label=ignore,
                        dataset=ds_name, sha256=file_hash(path))
+
+
+def load_for_evaluation(path: Path, device: torch.device, *, dataset: str | None = None,
+                        overrides: list[str] | tuple[str, ...] = (), recipe: Recipe | None = None,
+                        ) -> tuple[LoadedModel, Recipe, DatasetInfo]:
+    """A checkpoint ready to evaluate: its model (`load_for_inference`), the recipe it is evaluated under
+    (`recipe`, else its own with inference.* / data.* `overrides`) and that recipe's dataset facts, which
+    must have the classes the model predicts."""
+    from maskformer_cli.config import override_recipe
+    from maskformer_cli.data.build import dataset_info
+
+    loaded = load_for_inference(path, device, dataset=dataset)
+    recipe = recipe if recipe is not None else override_recipe(loaded.recipe, overrides)
+    if dataset is None and loaded.dataset is None:
+        raise UserError(f"{path} does not record its dataset: pass --dataset")
+    info = dataset_info(recipe.data)
+    if info.num_classes != len(loaded.classes):
+        raise UserError(f"the model predicts {len(loaded.classes)} classes, dataset '{info.name}' has "
+                        f"{info.num_classes}")
+    return loaded, recipe, info
+
+
+def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
+    """Fine-tuning start: load weights only; keys whose shapes differ (the class head when K differs) are
+    skipped and returned; any other missing or unexpected key is an error."""
+    from maskformer_cli.models.convert import load_checkpoint_weights
+
+    state, _meta = load_checkpoint_weights(path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit this model: missing {missing[:20]} "
+                        f"({len(missing)}), unexpected {unexpected[:20]} ({len(unexpected)})")
+    own.update(state)
+    model.load_state_dict(own)
+    return skipped

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from maskformer_cli.ablate import run_ablate
 from maskformer_cli.ablation_file import apply_overrides, load_ablation, slugify
+from maskformer_cli.commands.ablate import run_ablate
 from maskformer_cli.config import ConfigError, load_recipe, to_dict
 from maskformer_cli.errors import UserError
 
@@ -268,7 +268,7 @@ def test_command_line_overrides_win_and_are_part_of_the_run_state(tmp_path):
 def test_a_signal_stops_the_ablation_and_the_cli_exits_128_plus_it(tmp_path, monkeypatch, signum):
     from typer.testing import CliRunner
 
-    import maskformer_cli.ablate as ablate_mod
+    import maskformer_cli.commands.ablate as ablate_mod
     from maskformer_cli.cli import app
 
     p = write_ablation(tmp_path, {"a": {}, "b": {"model.num_queries": 4}})
@@ -474,7 +474,7 @@ def test_query_plot_is_written(tmp_path):
 def test_run_config_check_reads_a_relative_custom_spec_as_train_saved_it(tmp_path, monkeypatch):
     """train() saves data.dataset of a custom spec as an absolute path; a rerun of the same ablation from the
     same folder must not see a different recipe."""
-    from maskformer_cli.ablate import Run, check_run_config
+    from maskformer_cli.commands.ablate import Run, check_run_config
     from maskformer_cli.config import dump_recipe, with_absolute_dataset_spec
 
     monkeypatch.chdir(tmp_path)

@@ -21,7 +21,7 @@ NAMES = [c.name for c in build(Path(tempfile.mkdtemp(prefix="bad-inputs-names-")
 def corpus(tmp_path_factory, data_root):
     import shutil
 
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     root = tmp_path_factory.mktemp("bad")
     cases = {c.name: c for c in build(root)}

@@ -19,8 +19,8 @@ pytest.importorskip("cityscapesscripts")
 from cityscapesscripts.helpers.labels import labels as cs_labels  # noqa: E402
 
 from maskformer_cli.cli import app  # noqa: E402
+from maskformer_cli.commands.evaluate import run_evaluate  # noqa: E402
 from maskformer_cli.errors import UserError  # noqa: E402
-from maskformer_cli.evaluate import run_evaluate  # noqa: E402
 from maskformer_cli.metrics_cityscapes import (  # noqa: E402
     frame_key,
     ground_truth_pairs,
@@ -96,7 +96,7 @@ def test_train_ids_map_to_the_label_ids_of_cityscapesscripts():
 
 
 def test_class_iou_equals_our_miou_and_perfect_predictions_score_100(cityscapes, tmp_path, monkeypatch):
-    from maskformer_cli.evaluate import evaluate_saved_predictions
+    from maskformer_cli.commands.evaluate import evaluate_saved_predictions
 
     monkeypatch.setenv("MASKFORMER_DATASETS", str(cityscapes))
     gt_files = ground_truth_pairs(cityscapes / "cityscapes/gtFine/val")
@@ -158,7 +158,7 @@ def test_predict_and_evaluate_on_cityscapes_end_to_end(cityscapes, tmp_path):
     import tiny_recipe
 
     from maskformer_cli.config import load_recipe
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     recipe = load_recipe(None, [*tiny_recipe.TINY, "data.dataset=cityscapes", f"data.root={cityscapes}",
                                 "data.crop_size=[64,64]", "data.test_short_side=0", "solver.max_iters=40",

@@ -57,8 +57,8 @@ def test_user_error_from_a_loader_worker_is_one_line():
     original line only."""
     import torch
 
-    from maskformer_cli.cli import _original_message
     from maskformer_cli.errors import UserError
+    from maskformer_cli.errors import one_line as _original_message
 
     loader = torch.utils.data.DataLoader(_BadDataset(), num_workers=1)
     try:

@@ -19,10 +19,11 @@ import torch
 from maskformer_cli.config import ModelConfig, Recipe, from_dict, to_dict
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
-from maskformer_cli.models.convert import load_checkpoint_weights, load_into
+from maskformer_cli.models.convert import load_checkpoint_weights
 from maskformer_cli.models.convert_official import official_to_maskformer
 from maskformer_cli.models.infer_config import infer_model_config
 from maskformer_cli.models.pickle_safe import load_pickle_restricted
+from maskformer_cli.models.strict_load import load_into
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402

@@ -386,17 +386,19 @@ def test_per_pixel_all_ignored_is_finite_and_rejects_a_class_as_ignore():
 
 
 def test_build_criterion_from_recipes():
-    crit = build_criterion(load_recipe(), num_classes=K)
+    crit = build_criterion(load_recipe().loss, num_classes=K)
     assert isinstance(crit, SetCriterion) and isinstance(crit.matcher, HungarianMatcher)
     assert crit.weight_dict == {"loss_ce": 1.0, "loss_focal": 20.0, "loss_dice": 1.0}
     assert crit.class_weights[-1].item() == pytest.approx(0.1)
-    pp = build_criterion(load_recipe(overrides=["model.meta_architecture=per_pixel_baseline"]), num_classes=K)
+    pp = build_criterion(load_recipe(overrides=["model.meta_architecture=per_pixel_baseline"]).loss, num_classes=K,
+                         mask_classification=False)
     assert isinstance(pp, PerPixelCriterion) and pp.loss == "ce"
-    fixed = build_criterion(load_recipe(overrides=["loss.matcher=fixed", f"model.num_queries={K}"]), K)
+    fixed_recipe = load_recipe(overrides=["loss.matcher=fixed", f"model.num_queries={K}"])
+    fixed = build_criterion(fixed_recipe.loss, K, num_queries=fixed_recipe.model.num_queries)
     assert isinstance(fixed.matcher, FixedMatcher)
     with pytest.raises(ConfigError, match="num_queries"):
-        build_criterion(load_recipe(overrides=["loss.matcher=fixed"]), K)
+        build_criterion((r := load_recipe(overrides=["loss.matcher=fixed"])).loss, K, num_queries=r.model.num_queries)
     with pytest.raises(ConfigError, match="box_head"):
-        build_criterion(load_recipe(overrides=["loss.matcher=box"]), K)
-    box = build_criterion(load_recipe(overrides=["loss.matcher=box", "model.box_head=true"]), K)
+        build_criterion(load_recipe(overrides=["loss.matcher=box"]).loss, K)
+    box = build_criterion(load_recipe(overrides=["loss.matcher=box", "model.box_head=true"]).loss, K)
     assert box.use_boxes and box.weight_dict["loss_bbox"] == 5.0 and box.weight_dict["loss_giou"] == 2.0

@@ -105,7 +105,7 @@ _WORKER = textwrap.dedent(
         sys.exit(3)
     if mode == "stop":  # as `train` exits after saving a checkpoint on SIGTERM
         sys.exit(143)
-    if mode == "usererror":  # as `train` handles a UserError on one rank (see train.run_train)
+    if mode == "usererror":  # as `train` handles a UserError on one rank (see commands/train.run_train)
         if r == 0:
             L.report_user_error("rank 0 says: fix the input")
             sys.exit(1)

@@ -1,6 +1,8 @@
 """`maskformer evaluate` and `maskformer predict` end to end on the embedded dataset with a small trained
 checkpoint: the files they write, and three independent paths to the same numbers (the training run's
-own evaluation, `evaluate CKPT`, and `predict` followed by `evaluate --predictions`)."""
+own evaluation, `evaluate CKPT`, and `predict` followed by `evaluate --predictions`); --tta on a panoptic
+checkpoint (PQ single-scale beside test-time-augmented semantic metrics), `all` over a `predict --task
+panoptic` directory (PQ and mIoU together), and option validation."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typer.testing import CliRunner
 
 from maskformer_cli.cli import app
 from maskformer_cli.config import load_recipe
-from maskformer_cli.train import train
+from maskformer_cli.errors import UserError
+from maskformer_cli.trainer import train
 
 runner = CliRunner()
 
@@ -153,7 +156,7 @@ def test_query_stats_plot(trained, tmp_path):
 
 
 def test_label_pngs_are_uint16_beyond_255_classes(tmp_path):
-    from maskformer_cli.predict import _save_label_png
+    from maskformer_cli.commands.predict import _save_label_png
 
     labels = np.array([[0, 299], [256, 65535]], np.int64)
     _save_label_png(labels, 300, tmp_path / "a.png")
@@ -383,7 +386,7 @@ def test_panoptic_predictions_give_the_checkpoints_metrics_all(trained, tmp_path
 
 
 def test_output_names_are_unique_even_against_numbered_names():
-    from maskformer_cli.predict import output_names
+    from maskformer_cli.commands.predict import output_names
 
     files = [Path(p) for p in ("/c/x.jpg", "/c/x.png", "/c/x_jpg.png", "/c/x_jpg_1.jpg", "/a/y.JPG", "/a/y.jpg",
                                "/a/z.png")]
@@ -394,7 +397,7 @@ def test_output_names_are_unique_even_against_numbered_names():
 
 def test_predict_names_what_a_folder_search_skips(tmp_path, capsys):
     """Sub-folders and broken symbolic links in an input folder are named, not silently dropped."""
-    from maskformer_cli.predict import collect_inputs
+    from maskformer_cli.commands.predict import collect_inputs
     from maskformer_cli.reporting import console
 
     folder = tmp_path / "imgs"
@@ -406,3 +409,71 @@ def test_predict_names_what_a_folder_search_skips(tmp_path, capsys):
     text = " ".join(cap.get().split())
     assert [f.name for f in files] == ["a.png"]
     assert "sub-folder(s) not searched: nested" in text and "broken symbolic link(s): gone.jpg" in text
+
+
+# ------------------------------------------------------------ panoptic checkpoints, TTA, option checks
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_tta_on_a_panoptic_checkpoint_keeps_pq_single_scale(trained, tmp_path):
+    plain, tta = tmp_path / "plain", tmp_path / "tta"
+    invoke(["evaluate", trained["ckpt"], "--limit", "2", "--out", plain], trained["root"])
+    result = invoke(["evaluate", trained["ckpt"], "--tta", "--limit", "2", "--out", tta], trained["root"])
+    assert "PQ is single-scale" in result.output
+    p, t = _metrics(plain), _metrics(tta)
+    assert t["tta"] is True and t["num_images"] == 2
+    assert t["metrics"] == ["miou", "pq-stuff", "pq"] and t["tta_metrics"] == ["miou", "pq-stuff"]
+    # PQ is the single-scale number; the semantic map (mIoU, PQ-stuff) is the augmented one
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        assert t[key] == pytest.approx(p[key], abs=1e-9), key
+    assert p["PQ"] > 0
+    assert t["mIoU"] != pytest.approx(p["mIoU"], abs=1e-6)
+    assert 0 <= t["PQ_stuff"] <= 100
+
+
+def test_tta_with_metric_pq_is_a_clear_error(trained, tmp_path):
+    with pytest.raises(UserError, match="test-time augmentation is for semantic metrics; PQ is single-scale"):
+        invoke(["evaluate", trained["ckpt"], "--tta", "--metric", "pq", "--out", tmp_path / "e"], trained["root"])
+
+
+def test_all_on_saved_panoptic_predictions_gives_pq_and_semantic_metrics(trained, tmp_path):
+    pred = tmp_path / "pred"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic", "--out", pred],
+           trained["root"])
+    assert any((pred / "labels").glob("*.png")) and (pred / "panoptic.json").exists()
+    runs = {}
+    for metric in ("all", "pq", "miou", "pq-stuff"):
+        out = tmp_path / metric
+        invoke(["evaluate", "--predictions", pred, "--dataset", "synthetic", "--metric", metric, "--out", out],
+               trained["root"])
+        runs[metric] = out
+    m = _metrics(runs["all"])
+    for key in ("PQ", "PQ_th", "PQ_st"):
+        assert m[key] == pytest.approx(_metrics(runs["pq"])[key], abs=1e-9), key
+    assert m["mIoU"] == pytest.approx(_metrics(runs["miou"])["mIoU"], abs=1e-9)
+    assert m["PQ_stuff"] == pytest.approx(_metrics(runs["pq-stuff"])["PQ_stuff"], abs=1e-9)
+    assert m["num_images"] == 4 and "num_images_semantic" not in m
+    # one row per class, semantic and panoptic columns side by side, the class's name kept
+    rows = list(csv.DictReader((runs["all"] / "per_class.csv").open()))
+    assert len(rows) == 12
+    assert {"IoU", "Acc", "PQ_stuff", "PQ", "SQ", "RQ", "isthing"} <= set(rows[0])
+    assert rows[5]["name"] == "bar_5"
+    pq_rows = {r["id"]: r for r in csv.DictReader((runs["pq"] / "per_class.csv").open())}
+    for r in rows:
+        assert r["PQ"] == pq_rows[r["id"]]["PQ"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+])
+def test_bad_batch_size_and_limit_are_clear_errors(trained, tmp_path, args, message):
+    with pytest.raises(UserError, match=message):
+        invoke(["evaluate", trained["ckpt"], *args, "--out", tmp_path / "e"], trained["root"])
+    with pytest.raises(UserError, match=message):
+        invoke(["evaluate", "--predictions", tmp_path, "--dataset", "synthetic", *args], trained["root"])
+    assert not (tmp_path / "e").exists()

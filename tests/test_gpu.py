@@ -17,7 +17,7 @@ from tiny_recipe import read_jsonl, tiny
 
 from maskformer_cli.config import dump_recipe
 from maskformer_cli.losses_fused import focal_dice_loss
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 
 pytestmark = pytest.mark.gpu
 

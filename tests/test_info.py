@@ -56,8 +56,8 @@ def test_shipped_recipes_count_at_their_crop(name, size):
 
 
 def test_a_size_too_small_for_the_model_is_a_user_error():
+    from maskformer_cli.commands.info import run_info
     from maskformer_cli.errors import UserError
-    from maskformer_cli.summary import run_info
 
     overrides = ["model.backbone=timm:resnet18", "model.pretrained=null", "model.conv_dim=32", "model.mask_dim=32",
                  "model.hidden_dim=32", "model.nheads=4", "model.dim_feedforward=64", "model.dec_layers=1"]

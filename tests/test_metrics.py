@@ -12,7 +12,8 @@ from panopticapi import evaluation as pq_eval
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
-from maskformer_cli.metrics import PanopticMetrics, PQStuffMetrics, SemanticMetrics
+from maskformer_cli.metrics import SemanticMetrics
+from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},

@@ -477,7 +477,7 @@ def test_info_command_prints_parameters_and_flops():
 
 
 def test_run_info_numbers_and_class_count(tmp_path):
-    from maskformer_cli.summary import run_info
+    from maskformer_cli.commands.info import run_info
 
     recipe = tmp_path / "r.yaml"
     model = {k: v for k, v in TINY.items() if k != "encoder_layers"}  # the fpn decoder has no encoder

@@ -197,3 +197,14 @@ def test_inference_defaults_have_one_home():
         field = next(x for x in dataclasses.fields(PostProcessor) if x.name == f)
         assert field.default is dataclasses.MISSING, f
     assert build_postprocessor(InferenceConfig(mode="panoptic"), _Info(3)).mode == "semantic"
+
+
+def test_post_processor_refuses_pq_from_per_pixel_scores_with_a_true_message():
+    pp = PostProcessor(num_classes=3, ignore_label=255, thing_ids=(2,), mode="semantic", object_mask_threshold=0.8,
+                       overlap_threshold=0.8, panoptic_postprocessing="maskformer", detr_threshold=0.85,
+                       general_threshold=0.3, iterative_ratio=0.3, tta=False, tta_scales=(1.0,), tta_flip=False)
+    outputs = PerPixelOutput(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="need a mask-classification model"):
+        pp.postprocess(outputs, [(16, 16)], (16, 16), [(16, 16)], want=("panoptic",))
+    (res,) = pp.postprocess(outputs, [(16, 16)], (16, 16), [(16, 16)], want=("sem_seg",))
+    assert res["sem_seg"].shape == (16, 16)

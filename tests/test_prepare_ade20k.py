@@ -23,8 +23,8 @@ from prepare_utils import (
     write_zip,
 )
 
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.catalog import get_dataset_info
-from maskformer_cli.data.prepare import run_prepare
 from maskformer_cli.data.staging import STAMP, read_stamp
 from maskformer_cli.errors import UserError
 
@@ -259,7 +259,7 @@ def test_cli_errors_are_one_red_line_and_success_prints_a_table(tmp_path, ade):
 
 def test_a_crash_while_moving_files_into_place_is_refused_by_train_and_repaired_by_prepare(tmp_path, ade,
                                                                                           monkeypatch):
-    import maskformer_cli.data.prepare as prepare_mod
+    import maskformer_cli.commands.prepare_data as prepare_mod
     from maskformer_cli.data.datasets import build_dataset
 
     arch, _ = ade

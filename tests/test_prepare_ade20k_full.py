@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from prepare_utils import console_text, jpg_bytes, png_bytes, quiet_console, write_zip
 
-from maskformer_cli.data.prepare import run_prepare
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.errors import UserError
 
 # facts from MaskFormer's ADE20K-Full class list: (ADE20K-Full object id, contiguous id)

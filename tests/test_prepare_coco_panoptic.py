@@ -9,8 +9,8 @@ from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 from prepare_utils import jpg_bytes, png_bytes, quiet_console, write_zip, zip_bytes
 
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.catalog import get_dataset_info
-from maskformer_cli.data.prepare import run_prepare
 from maskformer_cli.data.staging import read_stamp
 
 # facts: COCO panoptic category id -> contiguous index among the 133 sorted ids

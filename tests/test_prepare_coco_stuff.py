@@ -10,8 +10,8 @@ import scipy.io
 from PIL import Image
 from prepare_utils import jpg_bytes, quiet_console, write_zip
 
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.catalog import get_dataset_info
-from maskformer_cli.data.prepare import run_prepare
 from maskformer_cli.errors import UserError
 
 # COCO ids 1..182 without the 11 unused {12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91} -> 0..170, written out:

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from prepare_utils import jpg_bytes, png_bytes, quiet_console, write_zip
 
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.catalog import get_dataset_info
-from maskformer_cli.data.prepare import run_prepare
 from maskformer_cli.errors import UserError
 
 # a palette whose colors are unrelated to the indices: reading RGB (or converting) would give other numbers

@@ -1,10 +1,12 @@
-"""prepare-data synthetic: generated once into the datasets root; the same settings again are a no-op."""
+"""prepare-data synthetic: generated once into the datasets root; the same settings again are a no-op, other
+settings regenerate it with a notice."""
 
 from __future__ import annotations
 
+import tiny_recipe
 from prepare_utils import console_text, quiet_console
 
-from maskformer_cli.data.prepare import run_prepare
+from maskformer_cli.commands.prepare_data import run_prepare
 from maskformer_cli.data.staging import stamp_entry
 
 
@@ -41,3 +43,25 @@ def test_weights_without_a_recipe_use_the_synthetic_set_on_disk(tmp_path):
     generate_synthetic(tmp_path / "synthetic_k12", num_classes=12, num_images=10, size=64, seed=3)
     found = with_synthetic_on_disk(data)
     assert (found.synthetic_num_images, found.synthetic_size, found.synthetic_seed) == (10, 64, 3)
+
+
+def test_regenerating_a_synthetic_set_with_other_parameters_says_so(tmp_path):
+    from maskformer_cli.data.build import dataset_info, ensure_prepared
+    from maskformer_cli.reporting import console
+
+    small = tiny_recipe.tiny(tmp_path, "data.synthetic_num_images=6", "data.synthetic_size=32").data
+    with console.capture() as first:
+        path = ensure_prepared(dataset_info(small), small)
+    assert "regenerating" not in first.get()  # a first generation is not news
+    wanted = tiny_recipe.tiny(tmp_path, "data.synthetic_num_images=8", "data.synthetic_size=32").data
+    with console.capture() as second:
+        assert ensure_prepared(dataset_info(wanted), wanted) == path
+    lines = [line for line in second.get().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "regenerating" in lines[0] and str(path) in lines[0] and "num_images 6 -> 8" in lines[0]
+    differences = lines[0].split("(on disk")[1]
+    assert "size" not in differences and "seed" not in differences  # only what differs
+    assert stamp_entry(path, "synthetic")["params"]["num_images"] == 8  # still regenerated
+    with console.capture() as third:
+        ensure_prepared(dataset_info(wanted), wanted)
+    assert third.get() == ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maskformer_cli.config import load_recipe
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
 

@@ -322,7 +322,7 @@ def test_per_pixel_baseline_plus_recipes_train_every_decoder_layer(name, recipe)
 
     assert recipe.model.deep_supervision, name
     model = build_model(tiny(recipe), K_TINY).train()
-    crit = build_criterion(recipe, K_TINY)
+    crit = build_criterion(recipe.loss, K_TINY, mask_classification=False)
     target = Target(classes=torch.tensor([0, 1]), masks=torch.zeros(2, 64, 64, dtype=torch.bool))
     target.masks[0, :32], target.masks[1, 32:] = True, True
     losses = crit(model(torch.randn(1, 3, 64, 64)), [target])
@@ -480,7 +480,8 @@ def _loss_fingerprint(recipe, cfg):
     masks = torch.zeros(2, 64, 64, dtype=torch.bool)
     masks[0, :40], masks[1, 40:] = True, True
     torch.manual_seed(3)  # point sampling draws points
-    criterion = build_criterion(replace(recipe, model=cfg), K_TINY)
+    criterion = build_criterion(recipe.loss, K_TINY, mask_classification=cfg.meta_architecture == "maskformer",
+                                num_queries=cfg.num_queries)
     losses = criterion(out, [Target(classes=torch.tensor([0, 3]), masks=masks)])
     losses["total"] = criterion.weighted_total(losses)  # the weights act here (and in matching costs)
     return tuple((k, round(float(v), 6)) for k, v in sorted(losses.items()))

@@ -10,8 +10,8 @@ import torch
 
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import swin
-from maskformer_cli.models.convert import load_into
 from maskformer_cli.models.convert_hf import hf_swin_to_official
+from maskformer_cli.models.strict_load import load_into
 from maskformer_cli.models.swin import (
     SwinBackbone,
     build_swin_backbone,

@@ -17,7 +17,7 @@ from tiny_recipe import TINY, read_jsonl, tiny
 
 from maskformer_cli.config import load_recipe
 from maskformer_cli.errors import UserError
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 
 
 def test_run_directory_explains_itself(tmp_path, data_root):
@@ -107,12 +107,12 @@ def test_resume_refuses_a_different_model(tmp_path, data_root):
 
 def test_nonfinite_loss_policy(tmp_path, data_root, monkeypatch):
     """Non-finite losses skip the step (weights untouched) a few times, then stop with a clear error."""
-    import maskformer_cli.train as train_mod
+    import maskformer_cli.trainer as train_mod
 
     real = train_mod.build_criterion
 
-    def poisoned(recipe, num_classes):
-        crit = real(recipe, num_classes)
+    def poisoned(*args, **kwargs):
+        crit = real(*args, **kwargs)
         orig = crit.forward
 
         def forward(outputs, targets):
@@ -193,7 +193,7 @@ DDP_SCRIPT = r"""
 import json, sys, torch
 from maskformer_cli import distributed as dist
 from maskformer_cli.config import load_recipe
-from maskformer_cli.train import train
+from maskformer_cli.trainer import train
 overrides, out, variants = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 dist.init_distributed("cpu")
 torch.set_num_threads(1)

@@ -80,13 +80,13 @@ def test_backbone_weights_refuse_code(tmp_path, backbone, name):
 
 
 def _train_once(data_root, run_dir: Path) -> None:
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     train(tiny(data_root, "solver.max_iters=1", "solver.checkpoint_every=1"), run_dir=run_dir, quiet=True)
 
 
 def test_init_from_and_resume_refuse_code(tmp_path, data_root):
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     marker, files = _evil_files(tmp_path)
     recipe = tiny(data_root, "solver.max_iters=2")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maskformer_cli.config import DataConfig
-from maskformer_cli.data.catalog import DatasetInfo, datasets_root, get_dataset_info
+from maskformer_cli.data.catalog import DatasetInfo, dataset_dir, datasets_root, get_dataset_info
 from maskformer_cli.data.collate import Batch, collate
 from maskformer_cli.data.datasets import build_dataset
 from maskformer_cli.data.sampler import InferenceSampler, TrainingSampler, worker_init_fn
@@ -36,10 +36,6 @@ def dataset_info(data: DataConfig) -> DatasetInfo:
     return info
 
 
-def dataset_dir(info: DatasetInfo, data: DataConfig) -> Path:
-    return Path(info.root) if info.root else datasets_root(data.root) / info.dirname
-
-
 def with_synthetic_on_disk(data: DataConfig) -> DataConfig:
     """`data` with the synthetic generation parameters of the set already on disk, if there is one: for
     weights that carry no recipe (official / HF files), evaluating on `synthetic` must use the scenes the
@@ -49,7 +45,7 @@ def with_synthetic_on_disk(data: DataConfig) -> DataConfig:
     from maskformer_cli.data.staging import stamp_entry
 
     info = get_dataset_info(data.dataset, num_classes=data.synthetic_num_classes)
-    path = dataset_dir(info, data)
+    path = dataset_dir(info, data.root)
     entry = stamp_entry(path, "synthetic") if path.exists() else None
     params = (entry or {}).get("params") or {}
     fields = {"num_images": "synthetic_num_images", "size": "synthetic_size", "seed": "synthetic_seed"}
@@ -60,7 +56,7 @@ def with_synthetic_on_disk(data: DataConfig) -> DataConfig:
 def ensure_prepared(info: DatasetInfo, data: DataConfig) -> Path:
     """The prepared dataset's directory; the embedded synthetic set is generated on first use, and again
     when the recipe asks for other generation parameters than the ones on disk."""
-    path = dataset_dir(info, data)
+    path = dataset_dir(info, data.root)
     if info.name == "synthetic":
         from maskformer_cli.data.staging import stamp_entry
         from maskformer_cli.data.synthetic import generate_synthetic
@@ -186,7 +182,7 @@ def build_eval_loader(data: DataConfig, info: DatasetInfo, *, split: str | None 
     """This rank's exact shard of a split, with the test-time resize; no padded duplicates."""
     root = ensure_prepared(info, data)
     ds = build_dataset(info, datasets_root(data.root), split or data.val_split, task or data.task,
-                       build_transforms(data, train=False))
+                       build_transforms(data, train=False), keep_ground_truth=True)
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
     if len(ds) == 0:

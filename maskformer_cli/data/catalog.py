@@ -1,79 +1,19 @@
 """Per-dataset facts: class names, colors, thing/stuff split, ignore label, file layout.
 
 `get_dataset_info(name)` is the one entry point; every other module asks it, never hard-codes a dataset.
+The `DatasetInfo` it returns (and `IMAGE_EXTENSIONS`) are defined in dataset_info.py, which custom dataset
+specs (custom.py) build on too.
 Dataset names use dashes on the command line (`ade20k-full`) and either form in recipes.
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskformer_cli.data.dataset_info import DatasetInfo, default_palette
 from maskformer_cli.errors import UserError
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the tools need to know of a dataset.
-
-    classes:     K names, index = contiguous training id 0..K-1.
-    colors:      K RGB tuples for overlays.
-    thing_ids:   contiguous ids of "thing" classes (instances); the rest are "stuff". Empty for semantic-only.
-    ignore_label: label value excluded from training and metrics (255 for most, 65 Mapillary, 65535 ADE-Full).
-    task:        'semantic' or 'panoptic' (what the prepared labels support; panoptic also gives semantic).
-    dataset_ids: for panoptic datasets, the original category id of each contiguous id (COCO ids 1..200).
-    dirname:     directory of the prepared dataset under the datasets root (e.g. "ADEChallengeData2016").
-    sem_seg:     split -> (image_dir, label_dir), relative to dirname; labels are contiguous ids 0..K-1 with
-                 `ignore_label`, matched to images by file stem (after `label_suffix` replacement).
-    label_suffix: (suffix to strip from the image stem, suffix to add for the label stem), e.g. Cityscapes
-                 ("_leftImg8bit", "_gtFine_labelTrainIds").
-    panoptic:    split -> (image_dir, panoptic_json, panoptic_png_dir), relative to dirname, COCO format.
-    root:        absolute location for custom datasets (spec YAML); None for catalog datasets.
-    test_size:   (shorter side, longer side cap) of the paper's single-scale test resize for this dataset;
-                 shorter side 0 = native size. Used for released weights, which carry no recipe.
-    """
-
-    name: str
-    classes: tuple[str, ...]
-    ignore_label: int = 255
-    task: str = "semantic"
-    thing_ids: tuple[int, ...] = ()
-    colors: tuple[tuple[int, int, int], ...] = ()
-    dataset_ids: tuple[int, ...] = ()
-    dirname: str = ""
-    sem_seg: dict[str, tuple[str, str]] = field(default_factory=dict)
-    label_suffix: tuple[str, str] = ("", "")
-    panoptic: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    root: str | None = None
-    test_size: tuple[int, int] = (512, 2048)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def stuff_ids(self) -> tuple[int, ...]:
-        things = set(self.thing_ids)
-        return tuple(i for i in range(self.num_classes) if i not in things)
-
-    def color(self, i: int) -> tuple[int, int, int]:
-        return self.colors[i] if i < len(self.colors) else default_palette(i + 1)[i]
-
-
-def default_palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    """n well-separated RGB colors (golden-ratio hue steps), deterministic."""
-    out = []
-    for i in range(n):
-        h = (i * 0.618033988749895) % 1.0
-        s = 0.55 + 0.35 * ((i * 7) % 3) / 2
-        v = 0.95 - 0.25 * ((i * 5) % 2)
-        r, g, b = colorsys.hsv_to_rgb(h, s, v)
-        out.append((int(r * 255), int(g * 255), int(b * 255)))
-    return tuple(out)
-
 
 # name -> factory(**kwargs) -> DatasetInfo. Factories let the synthetic set take its class count.
 _REGISTRY: dict[str, Callable[..., DatasetInfo]] = {}
@@ -145,6 +85,12 @@ def datasets_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path("datasets")
 
 
+def dataset_dir(info: DatasetInfo, root: str | os.PathLike[str] | None = None) -> Path:
+    """Where a dataset lives: a custom spec's own folder (`info.root`), else `datasets_root(root)/info.dirname`
+    (root: the recipe's data.root or prepare-data's --root; None: the environment's)."""
+    return Path(info.root) if info.root else datasets_root(root) / info.dirname
+
+
 def load_class_file(filename: str):
     """Parsed JSON data file from maskformer_cli/data/class_names/ (class names, colors, id tables)."""
     import json
@@ -185,7 +131,7 @@ def _synthetic(num_classes: int = 12, **_: object) -> DatasetInfo:
 
 # ------------------------------------------------------------------------------ the paper's datasets
 # Layouts are those of detectron2/MaskFormer, so existing prepared trees work unchanged; prepare-data
-# (data/prepare.py, data/converters/) makes them from the official archives.
+# (commands/prepare_data.py, data/converters/) makes them from the official archives.
 
 _ADE_SEM_SEG = {"train": ("images/training", "annotations_detectron2/training"),
                 "val": ("images/validation", "annotations_detectron2/validation")}

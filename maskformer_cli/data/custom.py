@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from panopticapi.utils import rgb2id
 
-from maskformer_cli.data.catalog import DatasetInfo, default_palette
-from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS, DatasetInfo, default_palette
 from maskformer_cli.errors import UserError
 
 LABEL_EXTS = (".png", ".tif", ".tiff")
@@ -390,8 +390,7 @@ def _check_panoptic(rep: CheckReport, split: str, img_root: Path, json_path: Pat
             continue
         if size is not None and psize != size:
             rep.problems.append(_size_mismatch(png, "PNG", psize, img, size, orientation))
-        rgb = arr[..., :3].astype(np.int64)
-        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        ids = rgb2id(arr[..., :3].astype(np.int64))
         listed = {}
         for s in ann.get("segments_info", []):
             cat = s.get("category_id")

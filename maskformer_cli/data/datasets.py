@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from panopticapi.utils import rgb2id
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from maskformer_cli.data.catalog import DatasetInfo, canonical_name
+from maskformer_cli.data.catalog import canonical_name, dataset_dir
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 from maskformer_cli.errors import UserError
 from maskformer_cli.structures import Target
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[int]], tuple[torch.Tensor, torch.Tensor]]
@@ -48,6 +49,9 @@ class Sample:
             PNG) or pan_seg_file and segments_info (panoptic: the JSON's entries with category_id converted to
             the contiguous id, as detectron2's loader does; id, area, bbox, iscrowd kept). Semantic targets
             derived from panoptic labels also carry sem_seg: int64 [H, W], the original-size category map.
+            With `keep_ground_truth` (evaluation), the decoded original-size ground truth travels along, so
+            nothing decodes the file twice: sem_seg (the label values as stored) or pan_seg (int64 [H, W]
+            segment ids).
     """
 
     image: torch.Tensor
@@ -113,16 +117,15 @@ def read_panoptic_ids(path: str | os.PathLike[str]) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            rgb = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"panoptic PNG not found: {path}") from None
     except _PIL_ERRORS as e:
         raise UserError(f"cannot read panoptic PNG {path}: {e}") from None
-    if rgb.dtype != torch.uint8:
+    if rgb.dtype != np.uint8:
         raise UserError(f"panoptic PNG {path}: expected 8 bits per channel, got {rgb.dtype}")
-    # Widen before multiplying: ids use 24 bits (int32 arithmetic is exact and faster than int64).
-    ids = rgb[0].to(torch.int32) + rgb[1].to(torch.int32) * 256 + rgb[2].to(torch.int32) * 65536
-    return ids.long()
+    # rgb2id widens uint8 to int32 before multiplying: ids use 24 bits (exact, and faster than int64)
+    return torch.from_numpy(rgb2id(rgb)).long()
 
 
 def segments_to_categories(ids: torch.Tensor, segments: Sequence[dict], ignore_label: int) -> torch.Tensor:
@@ -230,8 +233,10 @@ class SemanticSegDataset(_SegDataset):
 
     def __init__(self, image_dir: str | os.PathLike[str], label_dir: str | os.PathLike[str], *, num_classes: int,
                  ignore_label: int = 255, transform: Transform | None = None,
-                 label_suffix: tuple[str, str] = ("", ""), skip_bad: bool = False) -> None:
+                 label_suffix: tuple[str, str] = ("", ""), skip_bad: bool = False,
+                 keep_ground_truth: bool = False) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
+        self.keep_ground_truth = keep_ground_truth
         self.num_classes, self.ignore_label = num_classes, ignore_label
         self.transform, self.skip_bad, self.skipped = transform, skip_bad, []
         strip, add = label_suffix
@@ -259,6 +264,8 @@ class SemanticSegDataset(_SegDataset):
                             f"and the ignore value {self.ignore_label}")
         meta = {"file_name": str(image_path), "image_id": image_path.stem, "height": image.shape[0],
                 "width": image.shape[1], "sem_seg_file": str(label_path)}
+        if self.keep_ground_truth:
+            meta["sem_seg"] = torch.from_numpy(label.copy())
         img_t, labels = _to_tensors(image, [label])
         if self.transform is not None:
             img_t, labels = self.transform(img_t, labels, (self.ignore_label,))
@@ -270,8 +277,10 @@ class PanopticSegDataset(_SegDataset):
 
     def __init__(self, image_dir: str | os.PathLike[str], json_path: str | os.PathLike[str],
                  png_dir: str | os.PathLike[str], *, dataset_ids: Sequence[int] = (), ignore_label: int = 255,
-                 transform: Transform | None = None, semantic: bool = False, skip_bad: bool = False) -> None:
+                 transform: Transform | None = None, semantic: bool = False, skip_bad: bool = False,
+                 keep_ground_truth: bool = False) -> None:
         self.image_dir, self.json_path, self.png_dir = Path(image_dir), Path(json_path), Path(png_dir)
+        self.keep_ground_truth = keep_ground_truth
         self.ignore_label, self.transform, self.semantic = ignore_label, transform, semantic
         self.skip_bad, self.skipped = skip_bad, []
         try:
@@ -325,6 +334,8 @@ class PanopticSegDataset(_SegDataset):
         meta = {"file_name": str(image_path), "image_id": ann["image_id"], "height": image.shape[0],
                 "width": image.shape[1], "pan_seg_file": str(png_path),
                 "segments_info": segments_info}
+        if self.keep_ground_truth:
+            meta["pan_seg"] = torch.from_numpy(pan.copy())
         if self.semantic:
             meta["sem_seg"] = torch.from_numpy(category.copy())  # no label PNG to evaluate against: keep the map
             img_t, labels = _to_tensors(image, [category])
@@ -361,14 +372,15 @@ def _refuse_interrupted_preparation(info: DatasetInfo, base: Path) -> None:
 
 
 def build_dataset(info: DatasetInfo, root: str | os.PathLike[str], split: str, task: str,
-                  transform: Transform | None, *, skip_bad: bool = False,
-                  ignore_label: int | None = None) -> SemanticSegDataset | PanopticSegDataset:
+                  transform: Transform | None, *, skip_bad: bool = False, ignore_label: int | None = None,
+                  keep_ground_truth: bool = False) -> SemanticSegDataset | PanopticSegDataset:
     """The dataset of `info` for `split` ('train', 'val', ...) and `task` ('semantic' or 'panoptic').
 
     root: the datasets root (catalog.datasets_root()); the dataset lives in root/info.dirname, or at
-    info.root for custom datasets. ignore_label overrides info.ignore_label.
+    info.root for custom datasets. ignore_label overrides info.ignore_label. keep_ground_truth: samples carry
+    the decoded original-size ground truth in their meta (evaluation; see `Sample`).
     """
-    base = Path(info.root) if info.root else Path(root) / info.dirname
+    base = dataset_dir(info, root)
     ignore = info.ignore_label if ignore_label is None else ignore_label
     hint = f"run `maskformer prepare-data {info.name.replace('_', '-')}`" if not info.root else "check the spec"
 
@@ -385,12 +397,14 @@ def build_dataset(info: DatasetInfo, root: str | os.PathLike[str], split: str, t
         image_dir, label_dir = info.sem_seg[split]
         ds: SemanticSegDataset | PanopticSegDataset = SemanticSegDataset(
             need(base / image_dir), need(base / label_dir), num_classes=info.num_classes, ignore_label=ignore,
-            transform=transform, label_suffix=info.label_suffix, skip_bad=skip_bad)
+            transform=transform, label_suffix=info.label_suffix, skip_bad=skip_bad,
+            keep_ground_truth=keep_ground_truth)
     elif split in info.panoptic:
         image_dir, json_name, png_dir = info.panoptic[split]
         ds = PanopticSegDataset(
             need(base / image_dir), need(base / json_name), need(base / png_dir), dataset_ids=info.dataset_ids,
-            ignore_label=ignore, transform=transform, semantic=task == "semantic", skip_bad=skip_bad)
+            ignore_label=ignore, transform=transform, semantic=task == "semantic", skip_bad=skip_bad,
+            keep_ground_truth=keep_ground_truth)
     elif task == "panoptic" and not info.panoptic:
         raise UserError(f"{info.name} has no panoptic annotations (semantic segmentation only)")
     else:

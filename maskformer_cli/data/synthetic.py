@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 
 from maskformer_cli.data.catalog import SYNTHETIC_SHAPES, get_dataset_info
@@ -335,12 +336,6 @@ def ade_to_detectron2(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.int16) - 1).astype(np.uint8)  # 0 - 1 wraps to 255 in uint8
 
 
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Panoptic ids [H, W] -> [H, W, 3] uint8 with id = R + 256 G + 256^2 B (COCO panoptic PNG)."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
-
-
 def _bbox(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
@@ -404,7 +399,7 @@ def generate_synthetic(
                 raw = (scene.semantic + 1).astype(np.uint8)  # -1 (other) -> 0
                 _save_png(raw, dirs["annotations"] / f"{stem}.png")
                 _save_png(ade_to_detectron2(raw), dirs["annotations_detectron2"] / f"{stem}.png")
-                _save_png(id_to_rgb(scene.panoptic), dirs["panoptic"] / f"{stem}.png")
+                _save_png(id2rgb(scene.panoptic), dirs["panoptic"] / f"{stem}.png")
                 segs = []
                 for sid, cls, crowd in scene.segments:
                     m = scene.panoptic == sid

@@ -2,7 +2,7 @@
 
 Every path ends in our state-dict layout (documented in models/maskformer.py and models/swin.py) plus the
 ModelConfig fields that layout implies, so `build_model(ModelConfig(**meta["model"]), meta["num_classes"])`
-followed by `load_into(model, state)` reproduces the released network. Loading is strict: a key that does
+followed by `strict_load.load_into(model, state)` reproduces the released network. Loading is strict: a key that does
 not map, or a tensor of the wrong shape, is a UserError naming it, never silently dropped.
 
 Formats:
@@ -13,7 +13,7 @@ Formats:
             unpickler (arrays and plain containers only); both head layouts (sem_seg_head.layer_4 ... before
             the pixel decoder became a submodule, sem_seg_head.pixel_decoder.* after)
 
-This module reads files and loads strictly; the mappings live beside it: convert_hf.py (HF names),
+This module reads files (strict_load.py loads them); the mappings live beside it: convert_hf.py (HF names),
 convert_official.py (detectron2 names), infer_config.py (architecture from keys), pickle_safe.py.
 """
 
@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from maskformer_cli.errors import UserError
@@ -32,46 +31,6 @@ from maskformer_cli.models.convert_hf import hf_to_maskformer
 from maskformer_cli.models.convert_official import official_to_maskformer
 from maskformer_cli.models.infer_config import infer_model_config
 from maskformer_cli.models.pickle_safe import load_pickle_restricted, load_torch_weights_only
-
-# ------------------------------------------------------------------------------------------- strict load
-
-
-def _preview(keys: list[str], n: int = 20) -> str:
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Copy `state_dict` into `model`, strictly: any missing or unexpected key, or a shape mismatch, raises
-    a UserError listing the offending keys (the first 20 and the count). Numpy arrays are accepted."""
-    own = model.state_dict()
-    # BatchNorm's step counter is bookkeeping, not a weight (it only matters with momentum=None), and
-    # most released checkpoints omit it: keep the model's own value when it is absent.
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in own]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
-    tensors = {}
-    wrong = []
-    for k, v in state_dict.items():
-        if k not in own:
-            continue
-        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
-        if tuple(t.shape) != tuple(own[k].shape):
-            wrong.append(f"{k} {tuple(t.shape)} vs model {tuple(own[k].shape)}")
-        tensors[k] = t
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): {_preview(wrong)}")
-    if problems:
-        raise UserError(f"{source}: the weights do not fit the model: " + "; ".join(problems))
-    for k in own:
-        if k not in tensors and k.endswith("num_batches_tracked"):
-            tensors[k] = own[k]
-    model.load_state_dict(tensors, strict=True)
-
 
 # ----------------------------------------------------------------------------------------- entry point
 

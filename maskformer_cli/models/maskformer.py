@@ -51,8 +51,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskformer_cli.models.backbone import c2_xavier_fill
 from maskformer_cli.models.box_head import BoxHead
+from maskformer_cli.models.layers import c2_xavier_fill
 from maskformer_cli.models.position_encoding import PositionEmbeddingSine
 from maskformer_cli.models.transformer import MLP, TransformerDecoder
 from maskformer_cli.structures import MaskFormerOutput

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskformer_cli.models.backbone import c2_msra_fill
+from maskformer_cli.models.layers import c2_msra_fill
 from maskformer_cli.models.maskformer import MaskFormer
 from maskformer_cli.structures import PerPixelOutput
 

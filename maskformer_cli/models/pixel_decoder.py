@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskformer_cli.models.backbone import ConvNorm, c2_xavier_fill, get_norm
+from maskformer_cli.models.layers import ConvNorm, c2_xavier_fill, get_norm
 from maskformer_cli.models.position_encoding import PositionEmbeddingSine
 from maskformer_cli.models.transformer import TransformerEncoder
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskformer_cli.errors import UserError
-from maskformer_cli.models.backbone import (
+from maskformer_cli.models.layers import (
     FEATURE_NAMES,
     FEATURE_STRIDES,
     ConvNorm,

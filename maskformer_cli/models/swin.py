@@ -407,7 +407,7 @@ def load_swin_weights(model: SwinBackbone, state: dict, source: str = "weights")
         if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
             sd[k] = _resize_bias_table(v, own[k].shape[0])
             log.info("%s: resized %s from %s to %s", source, k, tuple(v.shape), tuple(own[k].shape))
-    from maskformer_cli.models.convert import load_into
+    from maskformer_cli.models.strict_load import load_into
 
     load_into(model, sd, source=source)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from panopticapi.utils import id2rgb
 
 from maskformer_cli.data.converters import ade20k
 from maskformer_cli.data.converters.base import (
@@ -48,12 +49,6 @@ def categories() -> tuple[list[dict], dict[int, int]]:
     cats = [{"id": i, "name": n, "isthing": int(i in things), "color": list(c)}
             for i, (n, c) in enumerate(zip(meta["names"], meta["colors"], strict=True))]
     return cats, inst_to_cat
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """int [H,W] segment ids -> uint8 [H,W,3] with id = R + 256 G + 256^2 B."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
 def compose(semantic: np.ndarray, instance: np.ndarray, is_thing: np.ndarray, inst_to_cat: dict[int, int],
@@ -115,7 +110,7 @@ def convert(ctx: Context) -> dict[str, int]:
                 raise UserError(f"{img}: image is {w}x{h} but its labels are {semantic.shape[::-1]} and "
                                 f"{instance.shape[1::-1]}")
             seg, segments = compose(semantic, instance, is_thing, inst_to_cat, where=str(ins_path))
-            write_png(ctx.out / f"ade20k_panoptic_{split}" / f"{img.stem}.png", id_to_rgb(seg))
+            write_png(ctx.out / f"ade20k_panoptic_{split}" / f"{img.stem}.png", id2rgb(seg))
             images.append({"id": img.stem, "file_name": img.name, "width": w, "height": h})
             annotations.append({"image_id": img.stem, "file_name": f"{img.stem}.png", "segments_info": segments})
         (ctx.out / f"ade20k_panoptic_{split}.json").write_text(

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from panopticapi.utils import rgb2id
 
 from maskformer_cli.data import archives
 from maskformer_cli.data.converters.base import (
@@ -63,12 +64,6 @@ def contiguous_map() -> dict[int, int]:
     return {cid: k for k, cid in enumerate(ids)}
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """uint8 [H,W,3] -> int32 [H,W] segment ids R + 256 G + 256^2 B (cast before multiplying)."""
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
 def semantic_from_panoptic(ids: np.ndarray, segments: list[dict], to_contiguous: dict[int, int],
                            where: str = "") -> np.ndarray:
     """int32 [H,W] segment ids + segments_info -> uint8 [H,W] contiguous category, 255 void/unlisted."""
@@ -110,7 +105,7 @@ def convert(ctx: Context) -> dict[str, int]:
             png = pngs / ann["file_name"]
             if not png.is_file():
                 raise UserError(f"{png}: listed in {json_path.name} but missing")
-            ids = rgb_to_id(read_label(png, channels=3))
+            ids = rgb2id(read_label(png, channels=3))
             sem = semantic_from_panoptic(ids, ann.get("segments_info", []), to_contiguous, str(png))
             write_png(ctx.out / f"panoptic_semseg_{name}" / png.name, sem)
         counts[split] = len(data.get("images", annotations))

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from panopticapi.utils import id2rgb
 
 from maskformer_cli.config import override_recipe
-from maskformer_cli.data.datasets import IMAGE_EXTENSIONS
+from maskformer_cli.data.dataset_info import IMAGE_EXTENSIONS
 from maskformer_cli.errors import UserError
 from maskformer_cli.metrics_cityscapes import LABEL_IDS_DIR, result_name, to_label_ids, train_id_to_label_id
 from maskformer_cli.precision import check_precision
@@ -290,8 +291,7 @@ class _Writer:
         if "panoptic" in pred:
             pan, segments = pred["panoptic"]
             pan_np = pan.numpy().astype(np.int64)
-            rgb = np.stack([pan_np % 256, pan_np // 256 % 256, pan_np // 65536], -1).astype(np.uint8)
-            Image.fromarray(rgb).save(self.out / "panoptic" / f"{stem}.png")
+            Image.fromarray(id2rgb(pan_np)).save(self.out / "panoptic" / f"{stem}.png")
             self.pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
                 {"id": int(s["id"]), "category_id": self.dataset_ids[int(s["category_id"])],
                  "isthing": bool(s.get("isthing", False)), "score": float(s.get("score", 1.0)),

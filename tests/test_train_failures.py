@@ -17,11 +17,12 @@ import yaml
 from PIL import Image
 from tiny_recipe import TINY, read_jsonl, tiny
 
-import maskformer_cli.train as train_mod
+import maskformer_cli.trainer as train_mod
 from maskformer_cli.config import recipe_from_dict
 from maskformer_cli.data.build import dataset_info
 from maskformer_cli.errors import UserError
-from maskformer_cli.train import MAX_SAMPLELESS_STEPS, train
+from maskformer_cli.step_policy import MAX_SAMPLELESS_STEPS
+from maskformer_cli.trainer import train
 
 
 def make_custom(root: Path, *, splits=("train", "val"), n: int = 4, missing_label=(), bad_value=(),
@@ -105,7 +106,7 @@ def test_train_step_leaves_out_an_empty_micro_batch(data_root):
     results, weights = [], []
     for micro in ([batch], [empty, batch], [empty]):
         m = copy.deepcopy(model)
-        results.append(train_step(m, build_criterion(recipe, info.num_classes), build_optimizer(m, recipe.solver),
+        results.append(train_step(m, build_criterion(recipe.loss, info.num_classes), build_optimizer(m, recipe.solver),
                                   micro, device=torch.device("cpu")))
         weights.append(m.state_dict())
     alone, mixed, none = results

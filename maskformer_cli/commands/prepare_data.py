@@ -16,10 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from maskformer_cli.data.catalog import DatasetInfo, canonical_name, datasets_root, get_dataset_info
+from maskformer_cli.data.catalog import (
+    DatasetInfo,
+    canonical_name,
+    dataset_dir,
+    datasets_root,
+    get_dataset_info,
+)
 from maskformer_cli.data.download import disk_full_error, human_bytes
 from maskformer_cli.data.staging import Staging, disk_usage, merge_move, stamp_entry, write_stamp_entry
-from maskformer_cli.errors import NotBuiltError, UserError
+from maskformer_cli.errors import UserError
 
 T = TypeVar("T")
 
@@ -59,8 +65,7 @@ def _prepare_catalog(name: str, *, root: Path | None, archives: list[Path], down
     conv = CONVERTERS.get(key)
     if conv is None:
         raise UserError(f"no preparation for dataset '{name}'")
-    root_dir = datasets_root(root)
-    target = root_dir / info.dirname
+    root_dir, target = datasets_root(root), dataset_dir(info, root)
     display = key.replace("_", "-")
     entry = stamp_entry(target, key)
     if entry is not None and not force:
@@ -225,15 +230,11 @@ def _check_custom(spec: Path, console) -> dict[str, Any]:
 
 def _prepare_synthetic(root: Path | None, force: bool, params: dict[str, Any], console) -> dict[str, Any]:
     """Generate the embedded dataset (data/synthetic.py writes it atomically, with its stamp entry)."""
-    try:
-        from maskformer_cli.data.synthetic import generate_synthetic
-    except ModuleNotFoundError as e:
-        if e.name != "maskformer_cli.data.synthetic":
-            raise
-        raise NotBuiltError("the synthetic dataset generator is not built yet") from None
+    from maskformer_cli.data.synthetic import generate_synthetic
+
     params = {k: params[k] for k in ("num_classes", "num_images", "size", "seed") if k in params}
     info = get_dataset_info("synthetic", num_classes=params.get("num_classes", 12))
-    target = datasets_root(root) / info.dirname
+    target = dataset_dir(info, root)
     entry = stamp_entry(target, "synthetic")
     if entry is not None and entry.get("params") == params and not force:
         console.print(f"synthetic is already generated in {target} with these settings: nothing to do "

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.config import override_recipe
 from maskformer_cli.errors import UserError
 from maskformer_cli.metrics_cityscapes import LABEL_IDS_DIR, LabelIdWriter
 from maskformer_cli.postprocess import channels_last_default
@@ -22,7 +21,7 @@ from maskformer_cli.reporting import (
     metrics_table,
     per_class_table,
     progress_bar,
-    write_per_class_csv,
+    write_csv,
 )
 
 METRICS = {"miou": ("miou",), "pq": ("pq",), "pq-stuff": ("pq-stuff",)}
@@ -115,7 +114,7 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     rows = metrics.pop("per_class", None) or []
     (out / "metrics.json").write_text(json.dumps({**meta, **metrics}, indent=2, default=float))
     if rows:
-        write_per_class_csv(rows, out / "per_class.csv")
+        write_csv(rows, out / "per_class.csv")
     if per_class and rows:
         console.print(per_class_table(rows))
     console.print(metrics_table(metrics, title=f"{meta.get('dataset', dataset)} / {split}"))
@@ -132,20 +131,13 @@ def _evaluate_checkpoint(checkpoint: Path, *, dataset, split, metric, inference,
                          overrides=(), precision: str = "fp32", label_ids_dir: Path | None = None):
     """Metrics and run facts of a checkpoint on a split; with `label_ids_dir` (a Cityscapes model) the label
     maps are also written there as labelId PNGs and scored by cityscapesscripts (see metrics_cityscapes)."""
-    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.data.build import build_eval_loader
     from maskformer_cli.engine import evaluate
     from maskformer_cli.models.flops import count_flops
     from maskformer_cli.postprocess import build_postprocessor
-    from maskformer_cli.weights import load_for_inference
+    from maskformer_cli.weights import load_for_evaluation
 
-    loaded = load_for_inference(checkpoint, device, dataset=dataset)
-    recipe = override_recipe(loaded.recipe, overrides)
-    if dataset is None and loaded.dataset is None:
-        raise UserError(f"{checkpoint} does not record its dataset: pass --dataset")
-    info = dataset_info(recipe.data)
-    if info.num_classes != len(loaded.classes):
-        raise UserError(f"the model predicts {len(loaded.classes)} classes, dataset '{info.name}' has "
-                        f"{info.num_classes}")
+    loaded, recipe, info = load_for_evaluation(checkpoint, device, dataset=dataset, overrides=overrides)
     mask_cls = recipe.model.meta_architecture == "maskformer"
     task = recipe.data.task if info.task == "panoptic" else "semantic"
     if metric == "pq" and info.task == "panoptic":
@@ -211,13 +203,13 @@ def _official_of_saved(pred_dir: Path, *, dataset: str, split: str, limit: int |
 
     from PIL import Image
 
-    from maskformer_cli.data.catalog import get_dataset_info
+    from maskformer_cli.data.catalog import dataset_dir, get_dataset_info
     from maskformer_cli.metrics_cityscapes import frame_key, ground_truth_pairs, official_scores, to_label_ids
 
     info = _require_cityscapes(get_dataset_info(dataset))
     if split not in info.sem_seg:
         raise UserError(f"Cityscapes has no labelled split '{split}' (train, val)")
-    gt_files = ground_truth_pairs(_dataset_base(info) / info.sem_seg[split][1], limit)
+    gt_files = ground_truth_pairs(dataset_dir(info) / info.sem_seg[split][1], limit)
     keys = {frame_key(g.name) for g in gt_files}
     label_ids = pred_dir / LABEL_IDS_DIR
     if label_ids.is_dir():
@@ -231,13 +223,6 @@ def _official_of_saved(pred_dir: Path, *, dataset: str, split: str, limit: int |
                     preds[key] = Path(tmp) / found[0].name
                     Image.fromarray(to_label_ids(np.array(im))).save(preds[key])
         return official_scores(preds, gt_files)
-
-
-def _dataset_base(info) -> Path:
-    """The dataset's folder for saved-prediction evaluation ($MASKFORMER_DATASETS, or a custom spec's root)."""
-    from maskformer_cli.data.catalog import datasets_root
-
-    return Path(info.root) if info.root else datasets_root() / info.dirname
 
 
 def _plain(recipe):
@@ -258,13 +243,13 @@ def evaluate_saved_predictions(pred_dir: Path, *, dataset: str, split: str, metr
     PNGs (`predict --task panoptic` writes both). One Evaluator holds them, so `per_class` has one row per
     class with the semantic (IoU, Acc, *_stuff) and panoptic (PQ, SQ, RQ, TP, FP, FN) columns side by side.
     """
-    from maskformer_cli.data.catalog import get_dataset_info
+    from maskformer_cli.data.catalog import dataset_dir, get_dataset_info
     from maskformer_cli.engine import Evaluator
 
     if metric != "all" and metric not in METRICS:
         raise UserError(f"--metric {metric!r}: choose {METRIC_CHOICES}")
     info = get_dataset_info(dataset)
-    base = _dataset_base(info)
+    base = dataset_dir(info)
     if not pred_dir.is_dir():
         raise UserError(f"--predictions {pred_dir}: not a directory")
     pan_json = pred_dir / "panoptic.json"

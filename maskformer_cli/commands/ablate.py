@@ -242,20 +242,19 @@ Runner = Callable[[list[str]], int]
 
 
 def _default_train(recipe: Recipe, **kwargs: Any) -> Any:
-    from maskformer_cli.train import train
+    from maskformer_cli.trainer import train
 
     return train(recipe, **kwargs)
 
 
 def _default_evaluate(recipe: Recipe, checkpoint: Path, device: Any) -> dict[str, Any]:
     """Metrics of `checkpoint` under `recipe`'s inference settings on its val split."""
-    from maskformer_cli.data.build import build_eval_loader, dataset_info
+    from maskformer_cli.data.build import build_eval_loader
     from maskformer_cli.engine import default_metrics, evaluate
     from maskformer_cli.postprocess import build_postprocessor
-    from maskformer_cli.weights import load_for_inference
+    from maskformer_cli.weights import load_for_evaluation
 
-    loaded = load_for_inference(Path(checkpoint), device)
-    info = dataset_info(recipe.data)
+    loaded, recipe, info = load_for_evaluation(Path(checkpoint), device, recipe=recipe)
     pp = build_postprocessor(recipe.inference, info, precision=recipe.solver.precision)
     loader = build_eval_loader(recipe.data, info, num_workers=0)
     metrics = evaluate(loaded.model, loader, default_metrics(recipe.data.task, recipe.model.meta_architecture ==
@@ -370,6 +369,21 @@ def check_out(runs: list[Run]) -> None:
         check_run_config(run)
 
 
+def _print_dry_run(ablation: Ablation, trains: list[Run], evals: list[Run], gpus: int, seeds: int, out: Path,
+                   console: Any) -> list[str]:
+    """Print (and return) the commands that run the ablation on `gpus` GPUs per run."""
+    commands = dry_run_commands(ablation, trains, evals, gpus)
+    nodes = (f" ({gpus // GPUS_PER_NODE} nodes x {GPUS_PER_NODE}: start each command on every node, with "
+             f"MASTER_ADDR set to the first node's address)") if gpus > GPUS_PER_NODE else ""
+    console.print(f"[bold]{ablation.name}[/]: {len(ablation.variants)} variants x {seeds} seed(s), "
+                  f"{gpus} GPU(s) per run{nodes}; recipes in {out / 'recipes'}")
+    for line in commands:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.print("When the jobs have finished, run the same command without --dry-run to collect the table "
+                  "(finished runs are read, not redone).", highlight=False)
+    return commands
+
+
 def run_ablate(file: Path, overrides: list[str] | tuple[str, ...] = (), *, seeds: int = 1, dry_run: bool = False,
                gpus: int = 0, out: Path | None = None, device: str = "auto", train_fn: TrainFn | None = None,
                evaluate_fn: EvaluateFn | None = None, runner: Runner | None = None,
@@ -396,16 +410,7 @@ def run_ablate(file: Path, overrides: list[str] | tuple[str, ...] = (), *, seeds
         write_recipe_file(run, ablation)
 
     if dry_run:
-        g = gpus or ablation.gpus
-        commands = dry_run_commands(ablation, trains, evals, g)
-        nodes = (f" ({g // GPUS_PER_NODE} nodes x {GPUS_PER_NODE}: start each command on every node, with "
-                 f"MASTER_ADDR set to the first node's address)") if g > GPUS_PER_NODE else ""
-        console.print(f"[bold]{ablation.name}[/]: {len(ablation.variants)} variants x {seeds} seed(s), "
-                      f"{g} GPU(s) per run{nodes}; recipes in {out / 'recipes'}")
-        for line in commands:
-            console.print(line, highlight=False, soft_wrap=True, markup=False)
-        console.print("When the jobs have finished, run the same command without --dry-run to collect the table "
-                      "(finished runs are read, not redone).", highlight=False)
+        commands = _print_dry_run(ablation, trains, evals, gpus or ablation.gpus, seeds, out, console)
         return AblationResult(out=out, rows=[], commands=commands, complete=False)
 
     train_fn = train_fn or _default_train

@@ -247,7 +247,8 @@ class SwinStage(nn.Module):
         ws = self.window
         mask = None
         if self.shift and len(self.blocks) > 1:
-            mask = shifted_window_mask(math.ceil(h / ws) * ws, math.ceil(w / ws) * ws, ws, self.shift, x.device)
+            # integer ceil (not math.ceil of a float): the sizes stay symbolic in an exported graph
+            mask = shifted_window_mask(-(-h // ws) * ws, -(-w // ws) * ws, ws, self.shift, x.device)
             mask = mask.to(x.dtype)
         for blk in self.blocks:
             x = blk(x, h, w, mask)

@@ -185,8 +185,12 @@ class OpenVinoNet(ExportedNet):
 
 class TorchScriptNet(ExportedNet):
     def __init__(self, path: Path, outputs: list[str]) -> None:
+        import warnings
+
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:  # torch.jit raises RuntimeError for any unreadable archive
             raise UserError(f"{path}: not a readable TorchScript file ({_first_line(e)})") from None
         self.outputs = outputs

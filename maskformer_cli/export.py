@@ -140,8 +140,7 @@ def run_export(weights: Path, *, fmt: str, task: str = "panoptic", precision: st
         net = net.to(dtype)
     graph = ExportGraph(net, size_divisibility=rc.data.size_divisibility, labels=task == "semantic",
                         dtype=dtype if fmt == "torchscript" else torch.float32).eval()
-    size = example_size or _example_size(rc)
-    example = torch.zeros(1, 3, *size)
+    example = example_input(example_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         export_onnx(graph, example, out)
@@ -177,11 +176,13 @@ def run_export(weights: Path, *, fmt: str, task: str = "panoptic", precision: st
     return out
 
 
-def _example_size(recipe) -> tuple[int, int]:
-    """A small input for tracing (any size works at run time): one divisible by the size divisibility and
-    by Swin's window at every stage, so no padding branch is specialised away."""
-    d = max(recipe.data.size_divisibility, 32)
-    return (2 * d, 3 * d)
+def example_input(size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The input traced (any batch and size run later): batch 2 and sizes whose stride-32 grid is 8 x 11,
+    because torch.export fixes every dimension that is 0 or 1 in the example (a batch of one would be
+    baked in, and so would Swin's single window of a small image's last stage) and 11 leaves a padding
+    remainder for Swin's window of 7 and 12."""
+    h, w = size or (256, 352)
+    return torch.zeros(2, 3, h, w)
 
 
 _OUTPUT_SHAPES = {"class_logits": (["B", "Q", "K+1"], "float32"),
@@ -255,8 +256,9 @@ def export_openvino(graph: ExportGraph, example: torch.Tensor, out: Path, precis
 def export_torchscript(graph: ExportGraph, example: torch.Tensor, out: Path) -> None:
     """torch.jit.trace; the sizes flow through as traced values, so the trace runs at other sizes (tested)."""
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TracerWarnings about sizes taken as Python numbers, and torch's notice that TorchScript is deprecated
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (example,), check_trace=False)
-    tmp = out.with_name(out.name + ".partial")
-    torch.jit.save(traced, str(tmp))
+        tmp = out.with_name(out.name + ".partial")
+        torch.jit.save(traced, str(tmp))
     tmp.replace(out)

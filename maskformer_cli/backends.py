@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from maskformer_cli.errors import UserError
+from maskformer_cli.export import require_packages
 from maskformer_cli.structures import MaskFormerOutput, PerPixelOutput
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -95,6 +96,7 @@ def load_exported(path: Path, backend: str, dataset: str | None = None):
                             f"{info.num_classes}")
         recipe = replace(recipe, data=replace(recipe.data, dataset=dataset))
     outputs = [o["name"] for o in meta["outputs"]]
+    require_packages(BACKEND_PACKAGES[backend], f"{path.name}: --backend {backend}")
     net = open_session(path, backend, outputs, meta["precision"])
     return LoadedModel(model=net, recipe=recipe, classes=classes, thing_ids=tuple(meta.get("thing_ids") or ()),
                        ignore_label=int(meta.get("ignore_label", 255)), dataset=dataset or meta.get("dataset"),
@@ -102,9 +104,7 @@ def load_exported(path: Path, backend: str, dataset: str | None = None):
 
 
 def open_session(path: Path, backend: str, outputs: list[str], precision: str = "fp32"):
-    from maskformer_cli.export import require_packages
-
-    require_packages(BACKEND_PACKAGES[backend], f"--backend {backend}")
+    """A session for an exported file whose sidecar names `outputs` (backend's packages installed)."""
     if backend == "onnxruntime":
         return OnnxRuntimeNet(path, outputs)
     if backend == "openvino":

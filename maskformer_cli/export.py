@@ -125,7 +125,7 @@ def run_export(weights: Path, *, fmt: str, task: str = "panoptic", precision: st
     out = Path(out) if out is not None else Path(weights).with_suffix(FORMATS[fmt]) if Path(weights).is_file() \
         else Path(str(weights).rstrip("/") + FORMATS[fmt])
     if out.suffix != FORMATS[fmt]:
-        raise UserError(f"--out {out}: a {fmt} file ends in {FORMATS[fmt]}")
+        raise UserError(f"--out {out}: --format {fmt} writes a {FORMATS[fmt]} file")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out}: is a directory")
     loaded = load_for_inference(Path(weights), torch.device("cpu"), dataset=dataset)

@@ -62,6 +62,7 @@ def _model(name: str) -> torch.nn.Module:
         # argmax over queries would be a tie-break of float rounding everywhere
         if getattr(net, "class_embed", None) is not None:
             net.class_embed.weight.mul_(10)
+            net.class_embed.bias[-1] = -30.0  # "no object" never wins: every query makes a segment candidate
             net.mask_embed.layers[-1].weight.mul_(10)
     return net
 

@@ -43,10 +43,10 @@ SIDECAR_VERSION = 1
 FORMAT_PACKAGES = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino"),
                    "torchscript": ()}
 # Which precisions each format can carry, and how (README "Export and deployment").
-#  onnx: fp32 only. ONNX Runtime's CPU kernels for convolutions and matmuls are float32: an fp16 graph
-#        runs slower there (casts around every op), and bf16 has no CPU kernels at all.
+#  onnx: fp32 only. ONNX Runtime's CPU execution provider has few fp16 kernels and no bf16 convolutions,
+#        so a low-precision ONNX graph was not attempted (OpenVINO is the low-precision CPU route).
 #  openvino: fp32 weights; bf16 = the CPU plugin's bf16 inference precision (AVX512-BF16 / AMX), fp16 = weights
-#        stored in fp16 (half the file) and f16 inference where the CPU has it (else f32 compute).
+#        stored in fp16 (a smaller file) and f16 inference where the CPU has it (else f32 compute).
 #  torchscript: fp32, or the whole network converted to bf16 / fp16 (outputs cast back to float32).
 PRECISIONS = {"onnx": ("fp32",), "openvino": ("fp32", "bf16", "fp16"), "torchscript": ("fp32", "bf16", "fp16")}
 

@@ -76,8 +76,9 @@ def _close(got: np.ndarray, ref: torch.Tensor, tol: float = 1e-4) -> None:
 
 
 def _pp(thing_ids=(2, 3, 4)) -> PostProcessor:
+    # overlap_threshold 0.3: random masks overlap so much that the paper's 0.8 would keep no segment
     return PostProcessor(num_classes=K, ignore_label=255, thing_ids=thing_ids, mode="semantic",
-                         object_mask_threshold=0.0, overlap_threshold=0.8, panoptic_postprocessing="maskformer",
+                         object_mask_threshold=0.0, overlap_threshold=0.3, panoptic_postprocessing="maskformer",
                          detr_threshold=0.85, general_threshold=0.0, iterative_ratio=0.5, tta=False, tta_scales=(1.0,),
                          tta_flip=False)
 
@@ -139,7 +140,10 @@ def _check_backend(net, graph: ExportGraph, tol: float = 1e-4) -> None:
         _labels_equal_except_ties(got[-1], graph, x)
 
 
-def _panoptic_identical(net, graph: ExportGraph) -> None:
+def _panoptic_identical(net, graph: ExportGraph, min_agreement: float = 1.0) -> None:
+    """Panoptic segments from the backend's logits equal those from torch's: the same segment map and
+    segments (min_agreement < 1: that fraction of pixels at least, for backends whose float rounding
+    differs more, where a near-tie between two queries' weighted masks may flip)."""
     x = torch.randn(1, 3, *SIZES[1])
     h, w = x.shape[-2:]
     padded = (h + (-h % 32), w + (-w % 32))
@@ -149,10 +153,14 @@ def _panoptic_identical(net, graph: ExportGraph) -> None:
     pp = _pp()
     outs = [MaskFormerOutput(torch.from_numpy(got[0]), torch.from_numpy(got[1])), MaskFormerOutput(ref[0], ref[1])]
     (a,), (b,) = (pp.postprocess(o, [(h, w)], padded, [(90, 125)], ("panoptic",)) for o in outs)
-    assert torch.equal(a["panoptic"][0], b["panoptic"][0])
-    assert [(s["id"], s["category_id"], s["area"]) for s in a["panoptic"][1]] == \
-        [(s["id"], s["category_id"], s["area"]) for s in b["panoptic"][1]]
-    assert len(b["panoptic"][1]) > 0  # a test with no segment could not fail
+    assert len(b["panoptic"][1]) > 1  # a test with one or no segment could hardly fail
+    if min_agreement == 1.0:
+        assert torch.equal(a["panoptic"][0], b["panoptic"][0])
+        assert [(s["id"], s["category_id"], s["area"]) for s in a["panoptic"][1]] == \
+            [(s["id"], s["category_id"], s["area"]) for s in b["panoptic"][1]]
+    else:
+        assert (a["panoptic"][0] == b["panoptic"][0]).float().mean() >= min_agreement
+        assert [s["category_id"] for s in a["panoptic"][1]] == [s["category_id"] for s in b["panoptic"][1]]
 
 
 # ------------------------------------------------------------------------------------- numerics
@@ -180,7 +188,7 @@ def test_openvino_runs_the_exported_onnx_as_torch(exported, name):
     net = OpenVinoNet(path, graph.output_names, "fp32")
     _check_backend(net, graph)
     if not graph.per_pixel:
-        _panoptic_identical(net, graph)
+        _panoptic_identical(net, graph, min_agreement=0.999)
 
 
 def test_openvino_ir_and_its_bf16_variant(tmp_path):
@@ -314,3 +322,16 @@ def test_export_extra_pins_agree_with_the_installed_environment():
     r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     broken = [ln for ln in r.stdout.splitlines() if any(n in ln.lower() for n in (*installed, "numpy"))]
     assert not broken, broken
+
+
+def test_export_command_is_listed_with_its_options():
+    from typer.testing import CliRunner
+
+    from maskformer_cli.cli import app
+
+    runner = CliRunner()
+    assert "export" in runner.invoke(app, ["--help"]).output
+    out = " ".join(runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output.split())
+    for option in ("--format", "--task", "--precision", "--out", "onnx | openvino | torchscript"):
+        assert option in out
+    assert "--backend" in " ".join(runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output.split())

@@ -170,25 +170,22 @@ def _panoptic_identical(net, graph: ExportGraph, min_agreement: float = 1.0) -> 
                                   pytest.param("r101c", marks=pytest.mark.slow),
                                   pytest.param("swin_t", marks=pytest.mark.slow),
                                   pytest.param("per_pixel", marks=pytest.mark.slow)])
-def test_onnxruntime_equals_torch_at_sizes_other_than_the_exported_one(exported, name):
-    pytest.importorskip("onnxruntime")
-    graph, path = exported(name)
-    net = OnnxRuntimeNet(path, graph.output_names)
-    _check_backend(net, graph)
-    if not graph.per_pixel:
-        _panoptic_identical(net, graph)
+def test_backends_equal_torch_at_sizes_other_than_the_exported_one(exported, name):
+    """Both backends in one test: one export per variant, whichever xdist worker runs it."""
+    import importlib.util
 
-
-@pytest.mark.parametrize("name", ["tiny", pytest.param("r50", marks=pytest.mark.slow),
-                                  pytest.param("swin_t", marks=pytest.mark.slow),
-                                  pytest.param("per_pixel", marks=pytest.mark.slow)])
-def test_openvino_runs_the_exported_onnx_as_torch(exported, name):
-    pytest.importorskip("openvino")
+    backends = [b for b in ("onnxruntime", "openvino") if importlib.util.find_spec(b)]
+    if not backends:
+        pytest.skip("neither onnxruntime nor openvino is installed")
     graph, path = exported(name)
-    net = OpenVinoNet(path, graph.output_names, "fp32")
-    _check_backend(net, graph)
-    if not graph.per_pixel:
-        _panoptic_identical(net, graph, min_agreement=0.999)
+    for backend in backends:
+        if backend == "onnxruntime":
+            net, agreement = OnnxRuntimeNet(path, graph.output_names), 1.0
+        else:  # OpenVINO reads the .onnx itself; its float rounding differs more (see _panoptic_identical)
+            net, agreement = OpenVinoNet(path, graph.output_names, "fp32"), 0.999
+        _check_backend(net, graph)
+        if not graph.per_pixel:
+            _panoptic_identical(net, graph, min_agreement=agreement)
 
 
 def test_openvino_ir_and_its_bf16_variant(tmp_path):

@@ -9,7 +9,7 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 @nox.session
 def tests(session: nox.Session) -> None:
     session.install(*TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,export]")
     session.run("python", "-m", "pytest", "-q", "-n", "2", *session.posargs)
 
 

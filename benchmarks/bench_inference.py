@@ -15,11 +15,16 @@ ones (on a random model, whose maps are near-constant, this says little: see the
 Mode `agreement --checkpoint CKPT`: pixel agreement of our bf16 labels with our fp32 labels on a trained
 model over its validation split (--images of them), and the time of each.
 
+Mode `backends`: image -> label map through the exported model (`maskformer export`: ONNX Runtime fp32,
+OpenVINO fp32 and bf16 inference precision) against our torch path (fp32, bf16) and transformers fp32, all
+alternated in one process; the backends' logits go through the same post-processor as `predict --backend`.
+Ratios are transformers fp32 / each; pixel agreement is with our torch fp32 labels.
+
 Mode `predict`: `maskformer predict` over a folder of --images JPEGs (512x683) against a plain transformers
 loop doing the same work (read, infer, write the label PNG).
 
     python benchmarks/bench_inference.py [--backbone r50|swin_tiny] [--size 512] [--rounds 5]
-                                         [--device cpu|cuda] [--mode image|predict|agreement]
+                                         [--device cpu|cuda] [--mode image|backends|predict|agreement]
                                          [--images 16] [--checkpoint CKPT]
 """
 
@@ -153,6 +158,68 @@ def _post_times(hf_forward, hf_post, ours_out, ours_post, rounds: int, device) -
     return times
 
 
+def backends_mode(args, device: torch.device) -> None:
+    from transformers import MaskFormerImageProcessor
+
+    from maskformer_cli.backends import OnnxRuntimeNet, OpenVinoNet
+    from maskformer_cli.export import run_export
+    from maskformer_cli.postprocess import PostProcessor, channels_last_default
+
+    if device.type != "cpu":
+        raise SystemExit("--mode backends measures the CPU backends: use --device cpu")
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, args.size, args.size), generator=g).float()
+    size = (args.size, args.size)
+    processor = MaskFormerImageProcessor()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_model(args.backbone)
+        hf.save_pretrained(Path(tmp) / "hf")
+        from maskformer_cli.weights import load_for_inference
+
+        ours = load_for_inference(Path(tmp) / "hf", device).model.eval()
+        t = time.perf_counter()
+        onnx_file = run_export(Path(tmp) / "hf", fmt="onnx", task="panoptic", out=Path(tmp) / "model.onnx")
+        export_s = time.perf_counter() - t
+        outputs = ["class_logits", "mask_logits"]
+        nets = {"onnxruntime fp32": OnnxRuntimeNet(onnx_file, outputs),
+                "openvino fp32": OpenVinoNet(onnx_file, outputs, "fp32"),
+                "openvino bf16": OpenVinoNet(onnx_file, outputs, "bf16")}
+
+    def pp(precision: str, channels_last: bool) -> PostProcessor:
+        return PostProcessor(num_classes=K, ignore_label=255, thing_ids=(), mode="semantic",
+                             object_mask_threshold=0.8, overlap_threshold=0.8, panoptic_postprocessing="maskformer",
+                             detr_threshold=0.85, general_threshold=0.3, iterative_ratio=0.3, tta=False,
+                             tta_scales=(1.0,), tta_flip=False, precision=precision, channels_last=channels_last)
+
+    def labels_of(net, post):
+        return lambda: post(net, image, [size], [size])[0]["sem_seg"]
+
+    x_hf = (image - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) / torch.tensor(
+        [58.395, 57.12, 57.375]).view(3, 1, 1)
+
+    def hf_labels():
+        with torch.no_grad():
+            out = hf(pixel_values=x_hf)
+        return processor.post_process_semantic_segmentation(out, target_sizes=[size])[0]
+
+    fns = {"transformers fp32": hf_labels,
+           "ours torch fp32": labels_of(ours, pp("fp32", channels_last_default(device))),
+           "ours torch bf16": labels_of(ours, pp("bf16", channels_last_default(device)))}
+    fns.update({name: labels_of(net, pp("fp32", False)) for name, net in nets.items()})
+    results = {name: fn() for name, fn in fns.items()}  # warm-up, and the labels compared below
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backbone {args.backbone}, "
+          f"{args.size}x{args.size}, K={K}, Q=100; export to ONNX {export_s:.0f} s; load: {os.getloadavg()[0]:.2f}")
+    times = alternate(fns, args.rounds, device)
+    base = statistics.median(times["transformers fp32"])
+    ref = results["ours torch fp32"]
+    print(f"image -> label map, median of {args.rounds} (ratio = transformers fp32 / this; agreement with ours "
+          f"torch fp32):")
+    for name, t in times.items():
+        agree = 100 * (results[name] == ref).float().mean().item()
+        print(f"  {name:18s} {statistics.median(t):7.3f} s   x{base / statistics.median(t):.2f}   {agree:6.2f}%")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
 def predict_mode(args, device: torch.device) -> None:
     import numpy as np
     from PIL import Image
@@ -241,13 +308,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--mode", choices=["image", "predict", "agreement"], default="image")
+    ap.add_argument("--mode", choices=["image", "backends", "predict", "agreement"], default="image")
     ap.add_argument("--checkpoint", help="agreement mode: a trained checkpoint (its recipe's validation split)")
     ap.add_argument("--dataset", help="agreement mode: the dataset, if the checkpoint does not record it")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    {"image": image_mode, "predict": predict_mode, "agreement": agreement_mode}[args.mode](args, device)
+    {"image": image_mode, "backends": backends_mode, "predict": predict_mode,
+     "agreement": agreement_mode}[args.mode](args, device)
 
 
 if __name__ == "__main__":

@@ -245,7 +245,8 @@ def evaluate(
 def predict(
     inputs: Annotated[list[str], typer.Argument(
         help="Image files, directories (their images, not sub-folders) or globs ('photos/**/*.jpg').")],
-    weights: Annotated[Path, typer.Option(help="Checkpoint: our .pt, official model_final_*.pkl, or a HF dir.")],
+    weights: Annotated[Path, typer.Option(
+        help="Checkpoint: our .pt, official model_final_*.pkl, a HF dir, or an exported .onnx / .xml / .ts.")],
     task: Annotated[str, typer.Option(help="semantic | panoptic | instance")] = "semantic",
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("predictions"),
     dataset: Annotated[
@@ -267,12 +268,47 @@ def predict(
     rle: Annotated[bool, typer.Option(
         help="Also write COCO RLE JSON: semantic_rle.json (semantic) or instances.json (panoptic). Off by "
              "default (costly: every mask is encoded); --task instance always writes instances.json.")] = False,
+    backend: Annotated[str, typer.Option(
+        help="auto | torch | onnxruntime | openvino. auto: by the weights' suffix (.onnx: onnxruntime, .xml: "
+             "openvino, .ts and checkpoints: torch); exported files come from `maskformer export`.")] = "auto",
     device: Device = "auto",
 ) -> None:
     """Segment images: overlays with a legend, label PNGs, COCO panoptic JSON + PNGs, RLE JSON."""
     from maskformer_cli.commands.predict import run_predict
     run_predict(inputs, weights=weights, task=task, out=out, dataset=dataset, device=device, overrides=set_ or [],
-                exist_ok=exist_ok, batch_size=batch_size, precision=precision, overlays=overlays, rle=rle)
+                exist_ok=exist_ok, batch_size=batch_size, precision=precision, overlays=overlays, rle=rle,
+                backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint: our .pt, official model_final_*.pkl, or a HF dir.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | openvino | torchscript")] = "onnx",
+    task: Annotated[str, typer.Option(
+        help="semantic: the graph also outputs the label map (no post-processing needed); panoptic: class and "
+             "mask logits only (predict runs the panoptic post-processing).")] = "panoptic",
+    precision: Annotated[str, typer.Option(
+        help="fp32 (every format); openvino: bf16 / fp16 inference precision; torchscript: bf16 / fp16 weights.")
+    ] = "fp32",
+    out: Annotated[Path | None, typer.Option(
+        help="Output file (default: the weights' path with .onnx / .xml / .ts); the sidecar is <out>.json.",
+        show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="The dataset the weights were trained on (class names, things, test size for .pkl / HF weights).")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="inference.* or data.* override stored in the sidecar, as for predict.", show_default=False)
+    ] = None,
+) -> None:
+    """Export weights to a deployable graph (dynamic height and width) plus a JSON sidecar that predict reads."""
+    from maskformer_cli.export import run_export
+
+    path = run_export(weights, fmt=format_, task=task, precision=precision, out=out, dataset=dataset,
+                      overrides=set_ or [])
+    typer.echo(f"exported {path} (+ {path.name}.json)")
 
 
 # ---------------------------------------------------------------------------------------------- ablate

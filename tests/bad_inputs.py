@@ -4,6 +4,7 @@ test_bad_inputs.py runs each through the command a user would type."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -129,6 +130,30 @@ def build(root: Path) -> list[Case]:
     _write(root / "out" / "taken", "a file where --out should be a folder")
     cases.append(Case("predict-out-is-a-file", ["predict", str(img), "--weights", str(good_weights), "--out",
                                                 str(root / "out" / "taken")], "taken"))
+
+    # ---------------------------------------------------------------------------- export / --backend
+    def export(name: str, args: list[str], names: str) -> None:
+        cases.append(Case(f"export-{name}", ["export", str(good_weights), *args], names))
+
+    export("format", ["--format", "tflite"], "tflite")
+    export("onnx-bf16", ["--format", "onnx", "--precision", "bf16"], "bf16")
+    export("task", ["--task", "instance"], "instance")
+    export("out-suffix", ["--format", "onnx", "--out", str(root / "out" / "model.xml")], "model.xml")
+    predict("backend", [str(img), "--backend", "tensorrt"], "tensorrt")
+    predict("backend-for-a-checkpoint", [str(img), "--backend", "onnxruntime"], "good.pt")
+    no_sidecar = _write(root / "w" / "lonely.onnx", b"\x08\x07" + bytes(64))
+    weights("onnx-without-sidecar", no_sidecar, "lonely.onnx.json")
+    corrupt = _write(root / "w" / "corrupt.onnx", b"\x08\x07garbage that is no ONNX graph" * 4)
+    _write(root / "w" / "corrupt.onnx.json", json.dumps({
+        "maskformer_export": 1, "sha256": hashlib.sha256(corrupt.read_bytes()).hexdigest(), "precision": "fp32",
+        "classes": ["a", "b"], "recipe": {}, "outputs": [{"name": "class_logits"}, {"name": "mask_logits"}]}))
+    weights("corrupt-onnx", corrupt, "corrupt.onnx")
+    _write(root / "w" / "swapped.onnx", b"\x08\x07another file")
+    _write(root / "w" / "swapped.onnx.json", (root / "w" / "corrupt.onnx.json").read_text())
+    weights("onnx-sidecar-of-another-file", root / "w" / "swapped.onnx", "swapped.onnx")
+    _write(root / "w" / "sidecar.onnx", b"\x08\x07")
+    _write(root / "w" / "sidecar.onnx.json", "{not json")
+    weights("onnx-sidecar-not-json", root / "w" / "sidecar.onnx", "sidecar.onnx.json")
 
     # ---------------------------------------------------------------------------------- dataset specs
     def spec(name: str, text: str, names: str) -> None:

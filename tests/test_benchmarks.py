@@ -38,3 +38,13 @@ def test_bench_inference_runs_both_modes():
     assert out.count("image -> labels ") == 2 and "pixel agreement" in out and "labels identical: True" in out
     out = _run("bench_inference.py", "--mode", "predict", "--images", "2", "--rounds", "1", "--device", "cpu")
     assert "transformers loop" in out and "maskformer predict --no-overlays" in out
+
+
+@pytest.mark.slow
+def test_bench_inference_backends_mode_runs():
+    for module in ("transformers", "onnxscript", "onnxruntime", "openvino"):
+        pytest.importorskip(module)
+    out = _run("bench_inference.py", "--mode", "backends", "--size", "64", "--rounds", "1", "--device", "cpu")
+    for name in ("transformers fp32", "ours torch fp32", "onnxruntime fp32", "openvino fp32", "openvino bf16"):
+        assert name in out
+    assert out.count("100.00%") >= 3  # torch fp32 itself, and the fp32 backends agree with torch fp32 on every pixel

@@ -153,7 +153,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, dataset: str | None, device: str,
                 overrides: list[str] | tuple[str, ...] = (), exist_ok: bool = False, batch_size: int = 1,
-                precision: str = "fp32", overlays: bool = True, rle: bool = False) -> None:
+                precision: str = "fp32", overlays: bool = True, rle: bool = False, backend: str = "auto") -> None:
+    from maskformer_cli.backends import is_exported, load_exported, resolve_backend
     from maskformer_cli.distributed import resolve_device
     from maskformer_cli.weights import load_for_inference
 
@@ -162,10 +163,19 @@ def run_predict(inputs: list[str], *, weights: Path, task: str, out: Path, datas
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     check_precision(precision)
+    backend = resolve_backend(weights, backend)
+    exported = is_exported(weights)
+    if exported and precision != "fp32":
+        raise UserError(f"--precision {precision}: an exported model's precision is chosen at export "
+                        f"(maskformer export --precision); {Path(weights).name} runs as exported")
     files = collect_inputs(inputs)
     prepare_out(out, exist_ok)  # before the model loads: a wrong --out fails in a second, not a minute
     dev = resolve_device(device)
-    loaded = load_for_inference(weights, dev, dataset=dataset)
+    if exported:  # an ONNX / OpenVINO / TorchScript session that predict calls like the network
+        dev = torch.device("cpu")
+        loaded = load_exported(weights, backend, dataset=dataset)
+    else:
+        loaded = load_for_inference(weights, dev, dataset=dataset)
     # e.g. a lower panoptic threshold for images unlike the training set, or another test size
     loaded = replace(loaded, recipe=override_recipe(loaded.recipe, overrides, sections=("inference", "data")))
     if task != "semantic" and loaded.recipe.model.meta_architecture != "maskformer":
@@ -210,7 +220,9 @@ def predict_files(loaded, info, files: list[Path], *, task: str, out: Path, devi
     from maskformer_cli.postprocess import build_postprocessor, channels_last_default
 
     rc = loaded.recipe
-    pp = build_postprocessor(rc.inference, info, precision=precision, channels_last=channels_last_default(device))
+    exported = getattr(loaded.model, "exported", False)  # a backend session takes contiguous float32 images
+    pp = build_postprocessor(rc.inference, info, precision=precision,
+                             channels_last=channels_last_default(device) and not exported)
     want = ("sem_seg",) + (("panoptic",) if task == "panoptic" else ()) + (
         ("instances",) if task == "instance" or (task == "panoptic" and rle) else ())
     writer = _Writer(out, info, task, overlays=overlays, rle=rle)

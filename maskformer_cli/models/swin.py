@@ -125,7 +125,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, (-w) % p, 0, (-h) % p))
+        x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
         x = self.proj(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -192,7 +192,7 @@ class SwinBlock(nn.Module):
         ws = self.window
         y = self.norm1(x).reshape(b, h, w, c)
         # Pad after the norm, as the reference does: padded tokens are exact zeros, not normalised zeros.
-        y = F.pad(y, (0, 0, 0, (-w) % ws, 0, (-h) % ws))
+        y = F.pad(y, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
         hp, wp = y.shape[1:3]
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
@@ -247,7 +247,10 @@ class SwinStage(nn.Module):
         ws = self.window
         mask = None
         if self.shift and len(self.blocks) > 1:
-            mask = shifted_window_mask(math.ceil(h / ws) * ws, math.ceil(w / ws) * ws, ws, self.shift, x.device)
+            # Size arithmetic on non-negative numbers only, here and in the pads: in an exported graph the
+            # sizes are symbolic, and ONNX's integer Div / Mod truncate where Python's // and % floor, so
+            # -(-h // ws) or (-w) % ws gave wrong window counts (math.ceil of a float fixed the size instead).
+            mask = shifted_window_mask((h + ws - 1) // ws * ws, (w + ws - 1) // ws * ws, ws, self.shift, x.device)
             mask = mask.to(x.dtype)
         for blk in self.blocks:
             x = blk(x, h, w, mask)

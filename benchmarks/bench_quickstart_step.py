@@ -30,6 +30,7 @@ def build_variant(spec: str, root: str):
     from maskformer_cli.engine import train_step
     from maskformer_cli.models import build_model
     from maskformer_cli.optim import build_optimizer, clip_grad_norm_full_model
+    from maskformer_cli.precision import resolve_precision
 
     name, _, rest = spec.partition(":")
     keys = [kv for kv in rest.split(",") if kv]
@@ -55,11 +56,12 @@ def build_variant(spec: str, root: str):
             b.images = b.images.contiguous(memory_format=torch.channels_last)
     state = {"i": 0}
     device = torch.device("cpu")
+    precision = resolve_precision(recipe.solver.precision, device)
 
     def step() -> None:
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        train_step(model, criterion, optimizer, [b], device=device, precision=recipe.solver.precision,
+        train_step(model, criterion, optimizer, [b], device=device, precision=precision,
                    clip_grad=recipe.solver.clip_grad, clip_fn=clip_grad_norm_full_model)
 
     return name, step, recipe.solver.batch_size

@@ -155,7 +155,7 @@ def train(
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default output_dir/name).")] = None,
     exist_ok: Annotated[bool, typer.Option(help="Allow writing into an existing run directory.")] = False,
     precision: Annotated[
-        str | None, typer.Option(help="fp32 | bf16 | fp16 (fp16 uses a grad scaler); same as solver.precision=.")
+        str | None, typer.Option(help="fp32 | bf16 | fp16 (fp16 uses a grad scaler) | auto (bf16 where fast); same as solver.precision=.")
     ] = None,
     print_config: Annotated[
         bool, typer.Option(help="Print the resolved recipe (file + overrides, validated) as YAML and exit.")

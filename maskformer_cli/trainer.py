@@ -38,6 +38,7 @@ from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.optim import build_optimizer, build_scheduler, clip_grad_norm_full_model
 from maskformer_cli.postprocess import build_postprocessor
+from maskformer_cli.precision import resolve_precision
 from maskformer_cli.reporting import Logger, console, metrics_table, plot_curves, save_prediction_overlay
 from maskformer_cli.run_dir import env_json, prepare_run_dir
 from maskformer_cli.signals import StopFlag
@@ -118,6 +119,7 @@ class Trainer:
         self.main = self.rank == 0
         self.recipe = recipe = with_absolute_dataset_spec(recipe)  # the saved recipe must work from any directory
         self.solver = s = recipe.solver
+        self.precision = resolve_precision(s.precision, self.device)  # 'auto' decided once, here
         self.run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output_dir) / recipe.name
         self.log = Logger(self.run_dir, enabled=self.main, quiet=quiet)
         if s.batch_size % (self.world * s.grad_accum):
@@ -151,7 +153,7 @@ class Trainer:
                                          start_position=self.position(self.start_step), dataset=train_set)
         self.metric_name = primary_metric(recipe.data.task)
         self.eval_metrics = default_metrics(recipe.data.task, recipe.model.meta_architecture == "maskformer")
-        self.postprocessor = build_postprocessor(recipe.inference, self.info, precision=s.precision)
+        self.postprocessor = build_postprocessor(recipe.inference, self.info, precision=self.precision)
         self.schedule = Schedule(checkpoint_every=s.checkpoint_every, eval_every=s.eval_every,
                                  max_iters=s.max_iters)
         self.policy = StepPolicy(max_bad_steps=s.max_bad_steps, max_iters=s.max_iters, start_step=self.start_step,
@@ -222,7 +224,7 @@ class Trainer:
         micro = [next(batches) for _ in range(s.grad_accum)]
         self.policy.note_batches(micro)
         res = train_step(self.ddp_model, self.criterion, self.optimizer, micro, device=self.device,
-                         precision=s.precision, scaler=self.scaler, clip_grad=s.clip_grad,
+                         precision=self.precision, scaler=self.scaler, clip_grad=s.clip_grad,
                          clip_fn=clip_grad_norm_full_model)
         with warnings.catch_warnings():
             # A skipped first step triggers torch's "scheduler before optimizer" warning; the
@@ -362,7 +364,7 @@ class Trainer:
                                          mask_classification=recipe.model.meta_architecture == "maskformer")
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = build_scheduler(self.optimizer, s)
-        self.scaler = torch.amp.GradScaler(self.device.type) if s.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         return init_skipped
 
     def _open_run_dir(self, resume_path: Path | None, exist_ok: bool, init_skipped: list[str]):

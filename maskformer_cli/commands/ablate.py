@@ -249,13 +249,17 @@ def _default_train(recipe: Recipe, **kwargs: Any) -> Any:
 
 def _default_evaluate(recipe: Recipe, checkpoint: Path, device: Any) -> dict[str, Any]:
     """Metrics of `checkpoint` under `recipe`'s inference settings on its val split."""
+    import torch
+
     from maskformer_cli.data.build import build_eval_loader
     from maskformer_cli.engine import default_metrics, evaluate
     from maskformer_cli.postprocess import build_postprocessor
+    from maskformer_cli.precision import resolve_precision
     from maskformer_cli.weights import load_for_evaluation
 
     loaded, recipe, info = load_for_evaluation(Path(checkpoint), device, recipe=recipe)
-    pp = build_postprocessor(recipe.inference, info, precision=recipe.solver.precision)
+    pp = build_postprocessor(recipe.inference, info, precision=resolve_precision(recipe.solver.precision,
+                                                                                 torch.device(device)))
     loader = build_eval_loader(recipe.data, info, num_workers=0)
     metrics = evaluate(loaded.model, loader, default_metrics(recipe.data.task, recipe.model.meta_architecture ==
                                                              "maskformer"), pp, device=device, class_names=info.classes)

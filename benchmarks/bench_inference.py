@@ -162,7 +162,7 @@ def backends_mode(args, device: torch.device) -> None:
     from transformers import MaskFormerImageProcessor
 
     from maskformer_cli.backends import OnnxRuntimeNet, OpenVinoNet
-    from maskformer_cli.export import run_export
+    from maskformer_cli.commands.export import run_export
     from maskformer_cli.postprocess import PostProcessor, channels_last_default
 
     if device.type != "cpu":

@@ -16,15 +16,29 @@ import numpy as np
 import torch
 
 from maskformer_cli.errors import UserError
-from maskformer_cli.export import require_packages
 from maskformer_cli.structures import MaskFormerOutput, PerPixelOutput
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+SIDECAR_VERSION = 1  # the "maskformer_export" key of a sidecar written by `maskformer export`
 EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino", ".ts": "torch"}
 # A backend's packages (all in the [export] extra) and which exported formats it runs.
 BACKEND_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",), "torch": ()}
 RUNS = {"onnxruntime": (".onnx",), "openvino": (".onnx", ".xml"), "torch": (".ts",)}
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def sidecar_path(path: Path) -> Path:
+    """`model.onnx` -> `model.onnx.json` (not model.json: an .onnx and an .xml of one stem may sit together)."""
+    return Path(str(path) + ".json")
+
+
+def require_packages(modules: tuple[str, ...], what: str) -> None:
+    """One UserError naming the extra to install when an optional package is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{what} needs {', '.join(missing)}: pip install 'maskformer-cli[export]'")
 
 
 def is_exported(path: Path) -> bool:
@@ -51,7 +65,6 @@ def resolve_backend(path: Path, backend: str) -> str:
 
 def read_sidecar(path: Path) -> dict:
     """The sidecar of an exported file, checked to belong to it."""
-    from maskformer_cli.export import SIDECAR_VERSION, sidecar_path
     from maskformer_cli.weights import file_hash
 
     side = sidecar_path(path)

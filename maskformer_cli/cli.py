@@ -304,7 +304,7 @@ def export(
     ] = None,
 ) -> None:
     """Export weights to a deployable graph (dynamic height and width) plus a JSON sidecar that predict reads."""
-    from maskformer_cli.export import run_export
+    from maskformer_cli.commands.export import run_export
 
     path = run_export(weights, fmt=format_, task=task, precision=precision, out=out, dataset=dataset,
                       overrides=set_ or [])

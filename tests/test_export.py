@@ -22,17 +22,17 @@ from maskformer_cli.backends import (
     TorchScriptNet,
     load_exported,
     resolve_backend,
+    sidecar_path,
 )
-from maskformer_cli.config import ModelConfig
-from maskformer_cli.errors import UserError
-from maskformer_cli.export import (
+from maskformer_cli.commands.export import (
     ExportGraph,
     example_input,
     export_onnx,
     export_openvino,
     export_torchscript,
-    sidecar_path,
 )
+from maskformer_cli.config import ModelConfig
+from maskformer_cli.errors import UserError
 from maskformer_cli.models import build_model
 from maskformer_cli.postprocess import PostProcessor
 from maskformer_cli.structures import MaskFormerOutput, PerPixelOutput
@@ -237,8 +237,8 @@ def images(tmp_path_factory):
 @pytest.mark.parametrize("fmt,backend", [("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "auto"),
                                          ("torchscript", "auto")])
 def test_predict_through_a_backend_writes_what_the_torch_path_writes(tmp_path, checkpoint, images, fmt, backend):
+    from maskformer_cli.commands.export import FORMATS, run_export
     from maskformer_cli.commands.predict import run_predict
-    from maskformer_cli.export import FORMATS, run_export
 
     for module in {"onnx": ("onnxscript", "onnxruntime"), "openvino": ("onnxscript", "openvino"),
                    "torchscript": ()}[fmt] + (("openvino",) if backend == "openvino" else ()):

@@ -485,7 +485,7 @@ def _loss_fingerprint(recipe, cfg):
                                 num_queries=cfg.num_queries)
     losses = criterion(out, [Target(classes=torch.tensor([0, 3]), masks=masks)])
     losses["total"] = criterion.weighted_total(losses)  # the weights act here (and in matching costs)
-    return tuple((k, round(float(v), 6)) for k, v in sorted(losses.items()))
+    return tuple((k, round(float(v.detach()), 6)) for k, v in sorted(losses.items()))
 
 
 RECIPES_BY_MODEL = _distinct((n, r) for n, r in ALL)  # one per distinct recipe (variants often repeat a base)

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from maskformer_cli.models.layers import PIXEL_MEAN, PIXEL_STD  # the models' input contract, re-exported
+
 if TYPE_CHECKING:
     from torch import nn
 
     from maskformer_cli.config import ModelConfig
 
-# ImageNet statistics on the 0-255 scale (the reference's PIXEL_MEAN / PIXEL_STD, RGB order).
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class EfficientNetLite0Backbone(nn.Module):
         elif pretrained:
             load_imagenet_weights(self.body, Path(pretrained), check_sha256=False)
         self.frozen_stats = norm == "frozen_bn"
-        from maskformer_cli.models import PIXEL_MEAN, PIXEL_STD
+        from maskformer_cli.models.layers import PIXEL_MEAN, PIXEL_STD
 
         # ImageNet-normalised input x = (p - mean) / std  ->  (p / 255 - 0.5) / 0.5 = x * std / 127.5 + (mean / 127.5 - 1)
         self.register_buffer("in_scale", torch.tensor(PIXEL_STD).view(1, 3, 1, 1) / 127.5, persistent=False)

@@ -10,6 +10,9 @@ from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 from maskformer_cli.errors import UserError
 
+# ImageNet statistics on the 0-255 scale (the reference's PIXEL_MEAN / PIXEL_STD, RGB order).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 NORMS = ("frozen_bn", "bn", "sync_bn", "gn", "none")

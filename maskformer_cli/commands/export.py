@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskformer_cli.backends import SIDECAR_VERSION, require_packages, sidecar_path
 from maskformer_cli.errors import UserError
 from maskformer_cli.models import PIXEL_MEAN, PIXEL_STD
 from maskformer_cli.structures import PerPixelOutput
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".ts"}
 TASKS = ("semantic", "panoptic")
-SIDECAR_VERSION = 1
 # The extra whose packages each format needs (pip install 'maskformer-cli[export]').
 FORMAT_PACKAGES = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino"),
                    "torchscript": ()}
@@ -49,11 +49,6 @@ FORMAT_PACKAGES = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscr
 #        stored in fp16 (a smaller file) and f16 inference where the CPU has it (else f32 compute).
 #  torchscript: fp32, or the whole network converted to bf16 / fp16 (outputs cast back to float32).
 PRECISIONS = {"onnx": ("fp32",), "openvino": ("fp32", "bf16", "fp16"), "torchscript": ("fp32", "bf16", "fp16")}
-
-
-def sidecar_path(path: Path) -> Path:
-    """`model.onnx` -> `model.onnx.json` (not model.json: an .onnx and an .xml of one stem may sit together)."""
-    return Path(str(path) + ".json")
 
 
 class ExportGraph(nn.Module):
@@ -193,15 +188,6 @@ _OUTPUT_SHAPES = {"class_logits": (["B", "Q", "K+1"], "float32"),
 
 def _output_specs(names: list[str]) -> list[dict]:
     return [{"name": n, "shape": _OUTPUT_SHAPES[n][0], "dtype": _OUTPUT_SHAPES[n][1]} for n in names]
-
-
-def require_packages(modules: tuple[str, ...], what: str) -> None:
-    """One UserError naming the extra to install when an optional package is missing."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"{what} needs {', '.join(missing)}: pip install 'maskformer-cli[export]'")
 
 
 @contextmanager

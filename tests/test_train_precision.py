@@ -73,7 +73,7 @@ def test_auto_precision_is_bf16_only_where_the_device_has_bf16_kernels(monkeypat
 
 def test_auto_precision_trains_in_the_resolved_precision(tmp_path, data_root, monkeypatch):
     """solver.precision=auto reaches train_step as the resolved value, never as 'auto'."""
-    import maskformer_cli.train as train_mod
+    import maskformer_cli.trainer as train_mod
 
     seen = []
     real = train_mod.train_step

@@ -31,3 +31,16 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def one_ddp_job_at_a_time():
+    """Multi-process (gloo) tests take this lock: two torchrun jobs started at once by two xdist workers
+    were seen to abort each other's ranks ('terminate called without an active exception'), while each
+    passes alone. Serialising them costs nothing on 2 cores, where they cannot run side by side anyway."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "maskformer-tests-ddp.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -79,6 +79,7 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
             raise UserError("--metric cityscapes scores single-scale label maps: drop --tta / --query-stats")
     if inference is not None and inference not in INFERENCE:
         raise UserError(f"--inference {inference!r}: choose one of {', '.join(INFERENCE)}")
+    out = out or default_out(checkpoint, split)  # computed first: the Cityscapes labelIds are written into it
     if predictions is not None:
         if checkpoint is not None:
             raise UserError("give a checkpoint to evaluate or --predictions DIR, not both (saved predictions "
@@ -97,7 +98,6 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
     else:
         if checkpoint is None:
             raise UserError("give a checkpoint to evaluate, or --predictions DIR --dataset NAME")
-        out = out or default_out(checkpoint, split)
         dinfo = dist.init_distributed(device)
         try:
             metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
@@ -109,7 +109,6 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
             dist.cleanup()
         if not dinfo.is_main:
             return metrics
-    out = out or default_out(checkpoint, split)
     out.mkdir(parents=True, exist_ok=True)
     rows = metrics.pop("per_class", None) or []
     (out / "metrics.json").write_text(json.dumps({**meta, **metrics}, indent=2, default=float))

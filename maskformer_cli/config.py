@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from maskformer_cli.data.catalog import get_dataset_info
 from maskformer_cli.errors import UserError
 from maskformer_cli.yaml_strict import YAMLInputError, load_yaml, read_yaml_file
 
@@ -347,8 +348,13 @@ def _check_across_sections(recipe: Recipe) -> None:
         raise ConfigError("loss.matcher=box needs model.box_head=true")
     if arch == "maskformer" and loss.matcher == "fixed" and recipe.data.task != "semantic":
         raise ConfigError("loss.matcher=fixed needs data.task=semantic (one segment per class)")
-    # Fixed matching also needs one query per class; the number of classes is the dataset's, known when the
-    # dataset is opened, so `build_criterion` checks that one.
+    if arch == "maskformer" and loss.matcher == "fixed":
+        # Fixed matching pairs query i with class i; the class count is the dataset's (its catalog entry,
+        # custom spec or synthetic_num_classes), read here so that the criterion need not know the model.
+        num_classes = get_dataset_info(recipe.data.dataset, num_classes=recipe.data.synthetic_num_classes).num_classes
+        if m.num_queries != num_classes:
+            raise ConfigError(f"loss.matcher=fixed needs model.num_queries equal to the number of classes of "
+                              f"{recipe.data.dataset} ({num_classes}), got {m.num_queries}")
     if arch != "maskformer":
         if m.box_head:
             raise ConfigError(f"model.box_head: {arch} has no box head (it is for MaskFormer with loss.matcher=box)")

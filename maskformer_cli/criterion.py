@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskformer_cli.config import ConfigError, LossConfig
+from maskformer_cli.config import LossConfig
 from maskformer_cli.losses import (
     box_cxcywh_to_xyxy,
     generalized_box_iou,
@@ -338,14 +338,12 @@ class PerPixelCriterion(nn.Module):
 Criterion = SetCriterion | PerPixelCriterion
 
 
-def build_criterion(loss: LossConfig, num_classes: int, *, mask_classification: bool = True,
-                    num_queries: int | None = None) -> Criterion:
+def build_criterion(loss: LossConfig, num_classes: int, *, mask_classification: bool = True) -> Criterion:
     """The criterion of a recipe's `loss` section: MaskFormer's set criterion, or with `mask_classification`
     False (the per-pixel baselines) the per-pixel loss.
 
-    num_queries: the model's, which fixed matching needs equal to `num_classes` (ConfigError otherwise; None:
-    not checked). The recipe's load-time validation has checked what the loss needs of the other sections
-    (fixed matching: semantic targets; box matching: the box head)."""
+    The recipe's load-time validation has checked what the loss needs of the other sections (fixed matching:
+    semantic targets and one query per class; box matching: the box head)."""
     if not mask_classification:
         return PerPixelCriterion(
             num_classes,
@@ -356,9 +354,6 @@ def build_criterion(loss: LossConfig, num_classes: int, *, mask_classification: 
             focal_alpha=loss.focal_alpha,
             focal_gamma=loss.focal_gamma,
         )
-    if loss.matcher == "fixed" and num_queries is not None and num_queries != num_classes:
-        raise ConfigError(f"loss.matcher=fixed needs model.num_queries equal to the number of classes "
-                          f"({num_classes}), got {num_queries}")
     return SetCriterion(
         num_classes,
         build_matcher(loss),

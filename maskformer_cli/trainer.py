@@ -360,7 +360,7 @@ class Trainer:
         model_cfg = dataclasses.replace(recipe.model, pretrained=None) if weights_to_come else recipe.model
         self.model = build_model(model_cfg, self.info.num_classes).to(self.device)
         init_skipped = load_init_weights(self.model, Path(init_from)) if init_from is not None and not resume else []
-        self.criterion = build_criterion(recipe.loss, self.info.num_classes, num_queries=recipe.model.num_queries,
+        self.criterion = build_criterion(recipe.loss, self.info.num_classes,
                                          mask_classification=recipe.model.meta_architecture == "maskformer")
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = build_scheduler(self.optimizer, s)

@@ -33,11 +33,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture
-def one_ddp_job_at_a_time():
-    """Multi-process (gloo) tests take this lock: two torchrun jobs started at once by two xdist workers
-    were seen to abort each other's ranks ('terminate called without an active exception'), while each
-    passes alone. Serialising them costs nothing on 2 cores, where they cannot run side by side anyway."""
+@pytest.fixture(autouse=True)
+def one_ddp_job_at_a_time(request):
+    """Tests marked `distributed` (they start several processes) take this lock: two torchrun jobs started
+    at once by two xdist workers were seen to abort each other's ranks ('terminate called without an active
+    exception'), while each passes alone. Serialising them costs nothing on 2 cores, where they cannot run
+    side by side anyway. Autouse, keyed on the marker, so that a new multi-process test cannot forget it."""
+    if request.node.get_closest_marker("distributed") is None:
+        yield
+        return
     import fcntl
     import tempfile
 

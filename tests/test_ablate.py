@@ -167,7 +167,8 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_seeds_median_std_tables_and_paper_column(tmp_path):
-    p = write_ablation(tmp_path, {"N=5": {"model.num_queries": 5}, "fixed": {"loss.matcher": "fixed"}},
+    p = write_ablation(tmp_path, {"N=5": {"model.num_queries": 5},
+                                  "fixed": {"loss.matcher": "fixed", "model.num_queries": 6}},
                        paper={"fixed": {"mIoU": 43.7}})
     fake, out = FakeTrain(), tmp_path / "out"
     res = run_ablate(p, seeds=3, out=out, train_fn=fake, console=Quiet(), device="cpu")
@@ -177,7 +178,7 @@ def test_seeds_median_std_tables_and_paper_column(tmp_path):
     assert {Path(c["run_dir"]).relative_to(out).as_posix() for c in fake.calls} == {
         f"{v}/seed{k}" for v in ("N=5", "fixed") for k in range(3)}
     rows = read_csv(out / "table.csv")
-    for name, q, bonus in (("N=5", 5, 0.0), ("fixed", 10, 5.0)):
+    for name, q, bonus in (("N=5", 5, 0.0), ("fixed", 6, 5.0)):
         miou = np.array([10.0 + q + bonus + 1.5 * s**2 for s in (0, 1, 2)])
         pq = np.array([3.0 * q - (7 + s) for s in (0, 1, 2)])
         assert float(rows[name]["mIoU_median"]) == pytest.approx(np.median(miou))
@@ -187,7 +188,7 @@ def test_seeds_median_std_tables_and_paper_column(tmp_path):
     assert rows["fixed"]["mIoU_paper"] == "43.7" and rows["N=5"]["mIoU_paper"] == ""
     md = (out / "table.md").read_text()
     assert "| variant | runs | mIoU | mIoU (paper) | PQ_stuff |" in md
-    med, std = np.median([25.0, 26.5, 31.0]), np.std([25.0, 26.5, 31.0], ddof=1)
+    med, std = np.median([21.0, 22.5, 27.0]), np.std([21.0, 22.5, 27.0], ddof=1)
     assert f"| fixed | 3/3 | {med:.1f} ± {std:.1f} | 43.7 |" in md
     result = json.loads((out / "fixed" / "seed1" / "result.json").read_text())
     assert result["seed"] == 8 and "per_class" not in result["metrics"]
@@ -232,11 +233,11 @@ def test_changed_variant_is_not_silently_reused(tmp_path):
 
 
 def test_command_line_overrides_win_and_are_part_of_the_run_state(tmp_path):
-    p = write_ablation(tmp_path, {"a": {"model.num_queries": 5, "solver.max_iters": 8}, "b": {"loss.matcher": "fixed"}})
+    p = write_ablation(tmp_path, {"a": {"model.num_queries": 5, "solver.max_iters": 8}, "b": {"loss.dice_weight": 2.0}})
     abl = load_ablation(p, ["model.num_queries=3", "solver.max_iters=2", "solver.eval_every=2"])
     # the command line wins over the variant's own keys; the variant's other keys stay; the base gets them too
     assert [(v.recipe.model.num_queries, v.recipe.solver.max_iters) for v in abl.variants] == [(3, 2), (3, 2)]
-    assert abl.variants[1].recipe.loss.matcher == "fixed" and abl.base.model.num_queries == 3
+    assert abl.variants[1].recipe.loss.dice_weight == 2.0 and abl.base.model.num_queries == 3
     # a bad key is the error `maskformer train FILE key=value` gives, naming the file
     recipe = write_recipe(tmp_path, BASE)
     with pytest.raises(ConfigError) as from_train:
@@ -289,7 +290,7 @@ def test_a_signal_stops_the_ablation_and_the_cli_exits_128_plus_it(tmp_path, mon
 
 
 def test_dry_run_prints_torchrun_commands_and_writes_recipes(tmp_path):
-    p = write_ablation(tmp_path, {"N=5": {"model.num_queries": 5}, "plus (x)": {"loss.matcher": "fixed"}},
+    p = write_ablation(tmp_path, {"N=5": {"model.num_queries": 5}, "plus (x)": {"loss.matcher": "fixed", "model.num_queries": 6}},
                        gpus=8)
     out = tmp_path / "out"
     fake = FakeTrain()

@@ -393,11 +393,13 @@ def test_build_criterion_from_recipes():
     pp = build_criterion(load_recipe(overrides=["model.meta_architecture=per_pixel_baseline"]).loss, num_classes=K,
                          mask_classification=False)
     assert isinstance(pp, PerPixelCriterion) and pp.loss == "ce"
-    fixed_recipe = load_recipe(overrides=["loss.matcher=fixed", f"model.num_queries={K}"])
-    fixed = build_criterion(fixed_recipe.loss, K, num_queries=fixed_recipe.model.num_queries)
+    fixed_recipe = load_recipe(overrides=["loss.matcher=fixed", f"model.num_queries={K}",
+                                          f"data.synthetic_num_classes={K}"])
+    fixed = build_criterion(fixed_recipe.loss, K)
     assert isinstance(fixed.matcher, FixedMatcher)
-    with pytest.raises(ConfigError, match="num_queries"):
-        build_criterion((r := load_recipe(overrides=["loss.matcher=fixed"])).loss, K, num_queries=r.model.num_queries)
+    # the cross-section checks are the recipe's, at load time
+    with pytest.raises(ConfigError, match="num_queries equal to the number of classes of synthetic"):
+        load_recipe(overrides=["loss.matcher=fixed", f"model.num_queries={K + 1}"])
     with pytest.raises(ConfigError, match="box_head"):
         build_criterion(load_recipe(overrides=["loss.matcher=box"]).loss, K)
     box = build_criterion(load_recipe(overrides=["loss.matcher=box", "model.box_head=true"]).loss, K)

@@ -152,7 +152,7 @@ def worker_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_torchrun: 
 
 @pytest.mark.distributed
 def test_collectives_agree_across_two_gloo_ranks(
-    worker_module: Path, monkeypatch: pytest.MonkeyPatch, one_ddp_job_at_a_time: None
+    worker_module: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = worker_module
     # the parent has no CUDA restriction to check against; relaunch is what `train --gpus 2` calls

@@ -481,8 +481,7 @@ def _loss_fingerprint(recipe, cfg):
     masks = torch.zeros(2, 64, 64, dtype=torch.bool)
     masks[0, :40], masks[1, 40:] = True, True
     torch.manual_seed(3)  # point sampling draws points
-    criterion = build_criterion(recipe.loss, K_TINY, mask_classification=cfg.meta_architecture == "maskformer",
-                                num_queries=cfg.num_queries)
+    criterion = build_criterion(recipe.loss, K_TINY, mask_classification=cfg.meta_architecture == "maskformer")
     losses = criterion(out, [Target(classes=torch.tensor([0, 3]), masks=masks)])
     losses["total"] = criterion.weighted_total(losses)  # the weights act here (and in matching costs)
     return tuple((k, round(float(v.detach()), 6)) for k, v in sorted(losses.items()))

@@ -208,7 +208,7 @@ dist.cleanup()
 
 
 @pytest.mark.distributed
-def test_two_rank_ddp_matches_single_process(tmp_path, data_root, one_ddp_job_at_a_time):
+def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
     """2 ranks on gloo: parameters identical across ranks, eval metrics equal a single-process evaluation."""
     from maskformer_cli.data.build import build_eval_loader, dataset_info
     from maskformer_cli.engine import default_metrics, evaluate

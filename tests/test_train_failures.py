@@ -276,7 +276,7 @@ def _train_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.distributed
-def test_two_ranks_skip_empty_batches_together_and_report_errors_in_one_line(tmp_path, data_root, one_ddp_job_at_a_time):
+def test_two_ranks_skip_empty_batches_together_and_report_errors_in_one_line(tmp_path, data_root):
     """One rank's batch of bad files only is skipped by both ranks (no deadlock); a UserError (an existing run
     directory) is one red line from the relaunching process, not every rank's traceback."""
     spec = make_custom(tmp_path / "d", missing_label=("train1",))

@@ -21,8 +21,7 @@ def _setup(data_root, precision: str, seed: int = 5):
     torch.manual_seed(seed)
     model = build_model(recipe.model, info.num_classes).train()
     criterion = build_criterion(recipe.loss, info.num_classes,
-                                mask_classification=recipe.model.meta_architecture == "maskformer",
-                                num_queries=recipe.model.num_queries)
+                                mask_classification=recipe.model.meta_architecture == "maskformer")
     optimizer = build_optimizer(model, recipe.solver)
     loader = build_train_loader(recipe.data, info, batch_size=2, seed=0, rank=0, world_size=1,
                                 dataset=build_train_dataset(recipe.data, info))

@@ -81,6 +81,10 @@ class ModelConfig:
     """ResNet: freeze the stem (1) or stem and res2 (2); 0 trains everything as the reference does."""
     backbone_norm: Literal["frozen_bn", "bn", "sync_bn", "gn"] = "frozen_bn"
     """ResNet normalisation: the reference uses frozen BN (ImageNet statistics); 'bn' when training from scratch."""
+    output_stride: Literal[8, 16, 32] = 32
+    """Stride of res5, the features the transformer decoder attends to: 32 (the paper's); 16 or 8 replace the
+    last stride(s) of the ResNet or timm backbone by dilation (DeepLab's output stride). For CPU-scale images
+    only: at 96 px, res5 at stride 32 is a 3x3 grid, too coarse for queries to tell small instances apart."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -394,6 +398,9 @@ def _check_unused_model_options(m: ModelConfig) -> None:
     if m.backbone == "efficientnet_lite0" and changed("freeze_at"):  # its backbone_norm: bn or frozen_bn
         raise ConfigError("model.freeze_at: an option of the ResNet backbones; efficientnet_lite0 trains every "
                           "block (backbone_norm=frozen_bn keeps its BatchNorm statistics)")
+    if (swin or m.backbone == "efficientnet_lite0") and changed("output_stride"):
+        raise ConfigError(f"model.output_stride: the ResNet and timm backbones can trade strides for dilation; "
+                          f"backbone {m.backbone} keeps stride 32")
     if (swin or timm) and resnet_only:
         raise ConfigError(f"model.{resnet_only[0]}: an option of the ResNet backbones (resnet50, resnet101, "
                           f"resnet101c); backbone {m.backbone} " + ("keeps its own trainable BatchNorm"

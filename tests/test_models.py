@@ -91,6 +91,46 @@ def test_resnet_with_torchvision_weights_matches_torchvision(tmp_path):
             torch.testing.assert_close(feats[name], y, atol=1e-5 * y.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("output_stride, dilate", [(16, [False, False, True]), (8, [False, True, True])])
+def test_resnet_output_stride_matches_torchvisions_dilated_resnet(tmp_path, output_stride, dilate):
+    """model.output_stride: the same weights as at stride 32, res4/res5 at the finer stride through dilation,
+    numerically torchvision's replace_stride_with_dilation network."""
+    import torchvision
+
+    tv = torchvision.models.resnet50(replace_stride_with_dilation=dilate)
+    randomize_norms(tv)
+    tv.eval()
+    path = tmp_path / "r50.pth"
+    torch.save(tv.state_dict(), path)
+    ours = build_backbone("resnet50", pretrained=str(path), output_stride=output_stride).eval()
+    assert ours.out_strides == {"res2": 4, "res3": 8, "res4": min(16, output_stride), "res5": output_stride}
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = ours(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i, name in enumerate(["res2", "res3", "res4", "res5"]):
+            y = getattr(tv, f"layer{i + 1}")(y)
+            assert feats[name].shape[-2:] == (64 // ours.out_strides[name], 96 // ours.out_strides[name])
+            torch.testing.assert_close(feats[name], y, atol=1e-5 * y.abs().max().item(), rtol=1e-5)
+
+
+def test_timm_output_stride_is_timms_dilated_network():
+    import timm
+
+    for output_stride in (16, 8):
+        bb = build_backbone("timm:resnet18", output_stride=output_stride).eval()
+        ref = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4), output_stride=output_stride)
+        ref.load_state_dict(bb.body.state_dict())
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            ours, theirs = bb(x), ref.eval()(x)
+        assert ours["res5"].shape[-1] == 64 // output_stride == 64 // bb.out_strides["res5"]
+        for a, b in zip(ours.values(), theirs, strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(UserError, match="output_stride"):
+        build_backbone("swin_tiny", output_stride=16)
+
+
 def test_resnet_weights_that_do_not_fit_name_the_keys(tmp_path):
     import torchvision
 

@@ -434,7 +434,7 @@ def test_quickstart_header_agrees_with_the_readme_and_launches_with_train_only()
 MODEL_ALTERNATIVES = {"conv_dim": 64, "mask_dim": 16, "mask_feature_kernel": 1, "encoder_layers": 1,
                       "hidden_dim": 16, "nheads": 4, "dim_feedforward": 48, "dropout": 0.3, "pre_norm": "flip",
                       "dec_self_attn": "flip", "enforce_input_project": "flip", "deep_supervision": "flip",
-                      "num_queries": "+1", "dec_layers": "+1", "box_head": "flip"}
+                      "num_queries": "+1", "dec_layers": "+1", "box_head": "flip", "output_stride": 16}
 LOSS_ALTERNATIVES = {"class_weight": 2.0, "focal_weight": 7.0, "dice_weight": 3.0, "no_object_weight": 0.3,
                      "focal_alpha": 0.5, "focal_gamma": 1.0, "box_l1_weight": 1.0, "box_giou_weight": 1.0,
                      "num_points": 64, "oversample_ratio": 2.0, "importance_sample_ratio": 0.5}

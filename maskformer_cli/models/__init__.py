@@ -44,7 +44,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
                         f"(got {c.num_queries})")
     backbone = build_backbone(
         c.backbone, pretrained=c.pretrained, norm=c.backbone_norm, freeze_at=c.freeze_at,
-        window_size=c.swin_window_size, drop_path_rate=c.drop_path_rate,
+        window_size=c.swin_window_size, drop_path_rate=c.drop_path_rate, output_stride=c.output_stride,
     )
     in_channels = {k: backbone.out_channels[k] for k in ("res2", "res3", "res4", "res5")}
     if c.pixel_decoder == "transformer_encoder_fpn":

@@ -1,7 +1,7 @@
 """Backbones of the pixel-level module: an image -> features {res2, res3, res4, res5} at strides 4..32.
 
 Every backbone honours one contract: `forward(x: [B, 3, H, W]) -> {"res2": [B, C2, ~H/4, ~W/4], ...,
-"res5": [B, C5, ~H/32, ~W/32]}` and the attributes `out_channels` / `out_strides` (dicts keyed by those
+"res5": [B, C5, ~H/32, ~W/32]}` (res4 and res5 at strides 8 or 16 with output_stride 8 or 16) and the attributes `out_channels` / `out_strides` (dicts keyed by those
 names). H and W need not be multiples of 32; each level is then the ceiling of the division.
 
 `build_backbone` dispatches on a registry name: resnet50 | resnet101 | resnet101c (ResNets in resnet.py),
@@ -25,7 +25,7 @@ class TimmBackbone(nn.Module):
     """Any timm model as a backbone: `features_only=True`, keeping the last feature level at each of the
     reductions 4, 8, 16 and 32. Parameters live under `body.` with timm's own names."""
 
-    def __init__(self, name: str, pretrained: str | None = None) -> None:
+    def __init__(self, name: str, pretrained: str | None = None, output_stride: int = 32) -> None:
         super().__init__()
         import timm
 
@@ -46,6 +46,8 @@ class TimmBackbone(nn.Module):
                 f"timm model '{name}' gives features at reductions {reductions}; MaskFormer needs 4, 8, 16 and 32"
             )
         kwargs: dict = {"features_only": True, "out_indices": tuple(picked[r] for r in (4, 8, 16, 32))}
+        if output_stride != 32:
+            kwargs["output_stride"] = output_stride  # timm dilates the last stage(s) instead of striding
         if pretrained == "imagenet":
             kwargs["pretrained"] = True
         elif pretrained:
@@ -60,7 +62,7 @@ class TimmBackbone(nn.Module):
         fmt = getattr(self.body, "output_fmt", "NCHW")
         self.channels_last = getattr(fmt, "value", fmt) == "NHWC"  # e.g. timm's Swin
         self.out_channels = dict(zip(FEATURE_NAMES, channels, strict=True))
-        self.out_strides = dict(FEATURE_STRIDES)
+        self.out_strides = {k: min(v, output_stride) for k, v in FEATURE_STRIDES.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
@@ -80,16 +82,20 @@ def build_backbone(
     freeze_at: int = 0,
     window_size: int | None = None,
     drop_path_rate: float = 0.3,
+    output_stride: int = 32,
 ) -> nn.Module:
     """The backbone registered as `name`.
 
     pretrained: None (random init), 'imagenet' (torchvision / timm / official Swin weights; needs network) or
     a local weights file. norm and freeze_at apply to the ResNets (freeze_at 1: the stem, 2: stem and res2);
-    window_size and drop_path_rate to Swin.
+    window_size and drop_path_rate to Swin; output_stride (32, 16 or 8: res5's stride, the rest by dilation)
+    to the ResNets and timm models.
     """
     key = name.strip()
+    if output_stride != 32 and (key.startswith("swin") or key == "efficientnet_lite0"):
+        raise UserError(f"backbone {name} has no output_stride option (it keeps stride 32)")
     if key.startswith("timm:"):
-        return TimmBackbone(key[len("timm:") :], pretrained)
+        return TimmBackbone(key[len("timm:") :], pretrained, output_stride)
     if key == "efficientnet_lite0":
         from maskformer_cli.models.efficientnet import EfficientNetLite0Backbone
 
@@ -101,6 +107,6 @@ def build_backbone(
     from maskformer_cli.models.resnet import RESNET_SPECS, build_resnet
 
     if key in RESNET_SPECS:
-        return build_resnet(key, pretrained=pretrained, norm=norm, freeze_at=freeze_at)
+        return build_resnet(key, pretrained=pretrained, norm=norm, freeze_at=freeze_at, output_stride=output_stride)
     known = [*RESNET_SPECS, "efficientnet_lite0", "swin_tiny", "swin_small", "swin_base", "swin_large", "timm:<name>"]
     raise UserError(f"unknown backbone '{name}'; choose one of {', '.join(known)}")

@@ -95,7 +95,8 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """[B, 3, H, W] -> {"res2": [B, 256, H/4, W/4], "res3": 512 @ /8, "res4": 1024 @ /16, "res5": 2048 @ /32}
-    (sizes rounded up for H, W not divisible by 32)."""
+    (sizes rounded up for H, W not divisible by 32); output_stride 16 or 8 keeps res5 (and res4) at that
+    stride with dilated 3x3 convolutions instead."""
 
     def __init__(
         self,
@@ -103,17 +104,26 @@ class ResNet(nn.Module):
         stem: str = "basic",
         norm: str = "frozen_bn",
         res5_multi_grid: tuple[int, ...] = (1, 1, 1),
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.stem = DeepLabStem(norm) if stem == "deeplab" else BasicStem(norm)
         in_channels, bottleneck, out_channels = self.stem.out_channels, 64, 256
         self.out_channels: dict[str, int] = {}
-        self.out_strides = dict(FEATURE_STRIDES)
+        self.out_strides = {k: min(v, output_stride) for k, v in FEATURE_STRIDES.items()}
+        previous = 1
         for i, (name, n) in enumerate(zip(FEATURE_NAMES, blocks, strict=True)):
-            first_stride = 1 if i == 0 else 2
-            dilations = res5_multi_grid if name == "res5" else (1,) * n
-            if len(dilations) != n:
+            # A stage past the output stride keeps the resolution and dilates instead (x2 per stride dropped);
+            # its first block keeps the previous stage's dilation, as torchvision's and timm's dilated ResNets.
+            dilate = FEATURE_STRIDES[name] // self.out_strides[name]
+            first_stride = 1 if i == 0 or dilate > 1 else 2
+            grid = res5_multi_grid if name == "res5" else (1,) * n
+            if len(grid) != n:
                 raise ValueError(f"res5 multi-grid {res5_multi_grid} needs one dilation per block ({n})")
+            dilations = tuple(g * (previous if j == 0 else dilate) for j, g in enumerate(grid))
+            previous = dilate
             stage = [
                 Bottleneck(
                     in_channels if j == 0 else out_channels, bottleneck, out_channels,
@@ -144,10 +154,11 @@ class ResNet(nn.Module):
         return self
 
 
-def build_resnet(name: str, pretrained: str | None = None, norm: str = "frozen_bn", freeze_at: int = 0) -> ResNet:
+def build_resnet(name: str, pretrained: str | None = None, norm: str = "frozen_bn", freeze_at: int = 0,
+                 output_stride: int = 32) -> ResNet:
     """ResNet by registry name, optionally with weights ('imagenet' or a local torchvision/detectron2 file)."""
     blocks, stem, multi_grid, _ = RESNET_SPECS[name]
-    model = ResNet(blocks, stem, norm, multi_grid)
+    model = ResNet(blocks, stem, norm, multi_grid, output_stride)
     if pretrained:
         state = imagenet_state_dict(name) if pretrained == "imagenet" else read_state_dict(Path(pretrained))
         load_resnet_weights(model, state, source=str(pretrained))

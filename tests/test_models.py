@@ -72,29 +72,10 @@ def test_backbone_features_at_strides_4_to_32_for_odd_sizes(name):
         assert f.shape == (1, bb.out_channels[k], math.ceil(67 / s), math.ceil(93 / s)), k
 
 
-def test_resnet_with_torchvision_weights_matches_torchvision(tmp_path):
-    import torchvision
-
-    tv = torchvision.models.resnet50()
-    randomize_norms(tv)
-    tv.eval()
-    path = tmp_path / "r50.pth"
-    torch.save(tv.state_dict(), path)
-    ours = build_backbone("resnet50", pretrained=str(path), norm="frozen_bn").eval()
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        feats = ours(x)
-        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-        for i, name in enumerate(["res2", "res3", "res4", "res5"]):
-            y = getattr(tv, f"layer{i + 1}")(y)
-            # activations grow to ~1e3 through random blocks: compare relative to their scale
-            torch.testing.assert_close(feats[name], y, atol=1e-5 * y.abs().max().item(), rtol=1e-5)
-
-
-@pytest.mark.parametrize("output_stride, dilate", [(16, [False, False, True]), (8, [False, True, True])])
-def test_resnet_output_stride_matches_torchvisions_dilated_resnet(tmp_path, output_stride, dilate):
-    """model.output_stride: the same weights as at stride 32, res4/res5 at the finer stride through dilation,
-    numerically torchvision's replace_stride_with_dilation network."""
+@pytest.mark.parametrize("output_stride, dilate", [(32, None), (16, [False, False, True]), (8, [False, True, True])])
+def test_resnet_with_torchvision_weights_matches_torchvision(tmp_path, output_stride, dilate):
+    """Our ResNet-50 with torchvision's weights is torchvision's network; with model.output_stride 16 or 8 it is
+    torchvision's replace_stride_with_dilation network (res4/res5 at the finer stride, same weights)."""
     import torchvision
 
     tv = torchvision.models.resnet50(replace_stride_with_dilation=dilate)
@@ -102,7 +83,7 @@ def test_resnet_output_stride_matches_torchvisions_dilated_resnet(tmp_path, outp
     tv.eval()
     path = tmp_path / "r50.pth"
     torch.save(tv.state_dict(), path)
-    ours = build_backbone("resnet50", pretrained=str(path), output_stride=output_stride).eval()
+    ours = build_backbone("resnet50", pretrained=str(path), norm="frozen_bn", output_stride=output_stride).eval()
     assert ours.out_strides == {"res2": 4, "res3": 8, "res4": min(16, output_stride), "res5": output_stride}
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -111,6 +92,7 @@ def test_resnet_output_stride_matches_torchvisions_dilated_resnet(tmp_path, outp
         for i, name in enumerate(["res2", "res3", "res4", "res5"]):
             y = getattr(tv, f"layer{i + 1}")(y)
             assert feats[name].shape[-2:] == (64 // ours.out_strides[name], 96 // ours.out_strides[name])
+            # activations grow to ~1e3 through random blocks: compare relative to their scale
             torch.testing.assert_close(feats[name], y, atol=1e-5 * y.abs().max().item(), rtol=1e-5)
 
 

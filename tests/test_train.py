@@ -223,14 +223,22 @@ def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
-         json.dumps(overrides), str(tmp_path), json.dumps(variants)],
-        capture_output=True, text=True, timeout=600, env=env)
+    # KNOWN FLAKE, root cause not found: in 2 of ~6 full-suite runs under xdist (never alone, never under a
+    # plain CPU load) one rank aborted in C++ with 'terminate called without an active exception' and no
+    # Python traceback. That abort, and only that, is retried once in a fresh folder; any other failure, or
+    # the abort twice, fails the test.
+    for attempt in range(2):
+        out = tmp_path / f"attempt{attempt}"
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+             json.dumps(overrides), str(out), json.dumps(variants)],
+            capture_output=True, text=True, timeout=600, env=env)
+        if r.returncode == 0 or "terminate called without an active exception" not in r.stdout + r.stderr:
+            break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     for name in variants:
-        ckpt_path = tmp_path / name / "checkpoints/last.pt"
+        ckpt_path = out / name / "checkpoints/last.pt"
         ckpt = torch.load(ckpt_path, weights_only=True)
         assert ckpt["step"] == 2
         # every checkpoint under DDP records whether all ranks held identical parameters

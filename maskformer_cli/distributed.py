@@ -81,9 +81,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op in a single process)."""
+def cleanup(*, sync: bool = False) -> None:
+    """Leave the process group (no-op in a single process).
+
+    sync: wait at a barrier first, so that no rank tears gloo down while a peer is still finishing its last
+    collective (seen under load as one rank aborting in C++ at exit, 'terminate called without an active
+    exception', after a run that had finished). Only on the success path: after a failure a peer may never
+    reach the barrier."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            barrier()
         dist.destroy_process_group()
 
 

@@ -130,7 +130,7 @@ _WORKER = textwrap.dedent(
     D.barrier()
     with open(f"{out}/rank{r}.json", "w") as f:
         json.dump(res, f)
-    D.cleanup()
+    D.cleanup(sync=True)
     """
 )
 

@@ -282,11 +282,17 @@ def test_two_ranks_skip_empty_batches_together_and_report_errors_in_one_line(tmp
     spec = make_custom(tmp_path / "d", missing_label=("train1",))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\n")
-    args = [str(recipe), *TINY, f"data.root={data_root}", f"data.dataset={spec}", "solver.batch_size=2",
-            "solver.max_iters=6", "--run-dir", str(tmp_path / "run"), "--gpus", "2", "--device", "cpu"]
-    r = _train_cli(*args)
+    # The C++ abort at exit described in test_train.py's two-rank test (finished work, then 'terminate called
+    # without an active exception' in one rank) is retried once, in a fresh run directory; nothing else is.
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        args = [str(recipe), *TINY, f"data.root={data_root}", f"data.dataset={spec}", "solver.batch_size=2",
+                "solver.max_iters=6", "--run-dir", str(run), "--gpus", "2", "--device", "cpu"]
+        r = _train_cli(*args)
+        if r.returncode == 0 or "terminate called without an active exception" not in r.stdout + r.stderr:
+            break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 6
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["step"] == 6
     assert "train1.png" in " ".join((r.stdout + r.stderr).split())
     r = _train_cli(*args)
     assert r.returncode == 1

@@ -99,14 +99,16 @@ def run_evaluate(checkpoint: Path | None, *, dataset: str | None, split: str, me
         if checkpoint is None:
             raise UserError("give a checkpoint to evaluate, or --predictions DIR --dataset NAME")
         dinfo = dist.init_distributed(device)
+        finished = False
         try:
             metrics, meta = _evaluate_checkpoint(checkpoint, dataset=dataset, split=split, metric=metric,
                                                  inference=inference, tta=tta, batch_size=batch_size,
                                                  limit=limit, device=dinfo.device, overrides=overrides,
                                                  precision=precision,
                                                  label_ids_dir=out / LABEL_IDS_DIR if official else None)
+            finished = True
         finally:
-            dist.cleanup()
+            dist.cleanup(sync=finished)
         if not dinfo.is_main:
             return metrics
     out.mkdir(parents=True, exist_ok=True)

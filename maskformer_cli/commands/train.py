@@ -24,11 +24,13 @@ def run_train(recipe_path: Path, overrides: list[str], *, resume: bool, init_fro
         raise SystemExit(launch.relaunch_with_torchrun(gpus, argv))
     try:
         info = dist.init_distributed(device)
+        finished = False
         try:
             result = train(recipe, run_dir=run_dir, resume=resume, init_from=init_from, exist_ok=exist_ok,
                            device=info.device)
+            finished = True
         finally:
-            dist.cleanup()
+            dist.cleanup(sync=finished)
     except UserError as e:
         # A rank of `train --gpus N`: the relaunching process prints the job's one line (rank 0's).
         if launch.report_user_error(one_line(e)) and not verbose():

@@ -148,8 +148,9 @@ def _progress_bar(description: str, enabled: bool, console=None) -> Iterator[_Nu
         yield _RichBar(progress, description)
 
 
-def _fetch(url: str, part: Path, offset: int, timeout: float, bar) -> None:
-    """One request: append to `part` from `offset`. Raises _Interrupted when the data stops early."""
+def _fetch(url: str, part: Path, offset: int, timeout: float, bar, elsewhere: str | None = None) -> None:
+    """One request: append to `part` from `offset`. Raises _Interrupted when the data stops early, UserError
+    (ending with `elsewhere` when given) on an HTTP error that retrying cannot cure."""
     req = urllib.request.Request(url, headers={"User-Agent": _user_agent()})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
@@ -160,7 +161,8 @@ def _fetch(url: str, part: Path, offset: int, timeout: float, bar) -> None:
             return  # nothing left to send: the .part is complete (the checksum decides)
         if e.code >= 500 or e.code in (408, 429):
             raise _Interrupted(f"HTTP {e.code} {e.reason}") from None
-        raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+        advice = f"; {elsewhere}" if elsewhere else ""
+        raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}{advice}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise _Interrupted(f"cannot connect: {reason}") from None
@@ -215,13 +217,15 @@ def _content_range_total(value: str) -> int | None:
 
 
 def download(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None, retries: int = 4,
-             timeout: float = 60.0, backoff: float = 1.0, progress: bool = True, console=None) -> Path:
+             timeout: float = 60.0, backoff: float = 1.0, progress: bool = True, console=None,
+             elsewhere: str | None = None) -> Path:
     """Download `url` to `dest` (resumable via `dest.part`); verify `size`/`sha256` before renaming.
 
     A cut connection is resumed with an HTTP Range request up to `retries` times (waits `backoff`, 2x
     `backoff`, ... seconds); after that the .part file stays and the same call later resumes it.
     Returns `dest`. Raises UserError (naming the URL and file) on HTTP errors, checksum mismatch, a full
-    disk or when the retries are used up.
+    disk or when the retries are used up. `elsewhere` is the advice those errors end with on supplying the
+    file another way (default: prepare-data's `--from-archive PATH`).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -237,15 +241,15 @@ def download(url: str, dest: Path, *, sha256: str | None = None, size: int | Non
         while True:
             offset = part.stat().st_size if part.exists() else 0
             try:
-                _fetch(url, part, offset, timeout, bar)
+                _fetch(url, part, offset, timeout, bar, elsewhere)
                 break
             except _Interrupted as e:
                 failures += 1
                 if failures > retries:
                     kept = part.stat().st_size if part.exists() else 0
+                    advice = elsewhere or "download it yourself and pass --from-archive PATH"
                     raise UserError(f"download of {url} interrupted ({e}); {human_bytes(kept)} kept in {part}: "
-                                    f"run the same command again to resume (or download it yourself and pass "
-                                    f"--from-archive PATH)") from None
+                                    f"run the same command again to resume (or {advice})") from None
                 time.sleep(backoff * 2 ** (failures - 1))
     if not part.exists():
         part.touch()
@@ -257,9 +261,9 @@ def download(url: str, dest: Path, *, sha256: str | None = None, size: int | Non
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
         part.unlink()
+        advice = elsewhere or "download it yourself and pass --from-archive PATH --accept-checksum"
         raise UserError(f"checksum mismatch for {url}: sha256 {digest}, expected {sha256}; the download was "
-                        f"removed, run again to download it anew (or download it yourself and pass "
-                        f"--from-archive PATH --accept-checksum)")
+                        f"removed, run again to download it anew (or {advice})")
     os.replace(part, dest)
     _write_sidecar(dest, digest)
     return dest

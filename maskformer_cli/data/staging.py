@@ -41,7 +41,9 @@ def stamp_entry(dataset_dir: Path, name: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON to `path` through a temp file and a rename: readers see the old file or
+    the whole new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
@@ -67,7 +69,7 @@ def write_stamp_entry(dataset_dir: Path, name: str, entry: dict[str, Any] | None
         datasets[name] = entry
     data["datasets"] = datasets
     data["format"] = STAMP_FORMAT
-    _write_json_atomic(Path(dataset_dir) / STAMP, data)
+    write_json_atomic(Path(dataset_dir) / STAMP, data)
 
 
 # ---------------------------------------------------------------------------------------------- staging

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskformer_cli.errors import UserError
+from maskformer_cli.models.imagenet_files import fetch_imagenet_file
 from maskformer_cli.models.layers import (
     FEATURE_NAMES,
     FEATURE_STRIDES,
@@ -36,9 +37,6 @@ RESNET_SPECS: dict[str, tuple[tuple[int, ...], str, tuple[int, ...], str | None]
     "resnet101": ((3, 4, 23, 3), "basic", (1, 1, 1), "resnet101"),
     "resnet101c": ((3, 4, 23, 3), "deeplab", (1, 2, 4), None),
 }
-
-# The DeepLab ImageNet weights detectron2 publishes for ResNet-101c (the reference's MODEL.WEIGHTS).
-DEEPLAB_R103_URL = "https://dl.fbaipublicfiles.com/detectron2/DeepLab/R-103.pkl"
 
 
 class BasicStem(nn.Module):
@@ -169,15 +167,12 @@ def build_resnet(name: str, pretrained: str | None = None, norm: str = "frozen_b
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights of the reference: torchvision's V1 ResNets, detectron2's DeepLab R-103 for 101c."""
+    """ImageNet weights of the reference: torchvision's V1 ResNets (torchvision checks their sha256 prefix),
+    detectron2's DeepLab R-103.pkl for 101c (verified by `fetch_imagenet_file`). UserError when offline."""
     tv_name = RESNET_SPECS[name][3]
+    if tv_name is None:
+        return read_state_dict(fetch_imagenet_file(name))
     try:
-        if tv_name is None:
-            dst = Path(torch.hub.get_dir()) / "checkpoints" / "R-103.pkl"
-            if not dst.is_file():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(DEEPLAB_R103_URL, str(dst), progress=False)
-            return read_state_dict(dst)
         import torchvision
 
         return getattr(torchvision.models, tv_name)(weights="IMAGENET1K_V1").state_dict()

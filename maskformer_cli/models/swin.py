@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskformer_cli.errors import UserError
+from maskformer_cli.models.imagenet_files import fetch_imagenet_file
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ SWIN_VARIANTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int]] = {
     "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
     "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
     "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
-}
-
-# The official release files (github.com/SwinTransformer/storage), used for pretrained='imagenet'.
-IMAGENET_URLS = {
-    "swin_tiny": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth",
-    "swin_small": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_small_patch4_window7_224.pth",
-    "swin_base": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window12_384_22k.pth",
-    "swin_large": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window12_384_22k.pth",
 }
 
 # The value the reference puts on attention logits between tokens of different shifted regions.
@@ -339,23 +332,15 @@ def build_swin_backbone(
     embed_dim, depths, heads, default_window = SWIN_VARIANTS[name]
     model = SwinBackbone(embed_dim, depths, heads, window_size or default_window, drop_path_rate=drop_path_rate)
     if pretrained:
-        if pretrained == "imagenet":
-            try:
-                state = torch.hub.load_state_dict_from_url(
-                    IMAGENET_URLS[name], map_location="cpu", weights_only=True, progress=False
-                )
-            except (OSError, RuntimeError) as e:  # offline, or a partial download
-                raise UserError(
-                    f"{name}: could not download ImageNet weights from {IMAGENET_URLS[name]} ({e}); download "
-                    f"the file yourself and set model.pretrained=<path>"
-                ) from None
-        else:
-            state = _read_weights(Path(pretrained))
-        load_swin_weights(model, state, source=str(pretrained))
+        # 'imagenet': the official release file (models/imagenet_files.py), fetched once and verified
+        path = fetch_imagenet_file(name) if pretrained == "imagenet" else Path(pretrained)
+        load_swin_weights(model, _read_weights(path), source=str(pretrained))
     return model
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> dict:
+    """What a Swin weights file holds, as stored (an official .pth is {"model": state dict}, which
+    `load_swin_weights` unwraps); UserError for a missing file. Torch and .pkl files load without running code."""
     if not path.is_file():
         raise UserError(f"Swin weights not found: {path}")
     if path.suffix == ".safetensors":

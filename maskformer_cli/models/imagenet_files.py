@@ -104,7 +104,7 @@ def fetch_imagenet_file(name: str, *, cache_dir: Path | None = None) -> Path:
             raise UserError(f"{path}: sha256 {digest} differs from {against}, {expected}: the file changed "
                             f"since (corrupt, truncated or replaced); delete it to download it again")
         if expected is None:
-            _record_first_use(spec, path, record_path, how)
+            _record_first_use(spec, path, record_path, how, digest)
     return path
 
 
@@ -135,9 +135,9 @@ def _read_record(record_path: Path) -> dict[str, Any] | None:
                     f"records, to download that again) and run again")
 
 
-def _record_first_use(spec: ImageNetFile, path: Path, record_path: Path, how: str) -> None:
-    """Trust on first use: write the record later uses are checked against, and say so in one line."""
-    digest = cached_sha256(path)
+def _record_first_use(spec: ImageNetFile, path: Path, record_path: Path, how: str, digest: str) -> None:
+    """Trust on first use: write the record (of `path`, whose sha256 is `digest`) that later uses are checked
+    against, and say so in one line."""
     write_json_atomic(record_path, {
         "sha256": digest,
         "size": path.stat().st_size,

@@ -43,7 +43,7 @@ def build_variant(spec: str, root: str):
     if cl:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    criterion = build_criterion(recipe, info.num_classes)
+    criterion = build_criterion(recipe.loss, info.num_classes)
     optimizer = build_optimizer(model, recipe.solver)
     if "fused=false" in keys:
         optimizer = torch.optim.AdamW(optimizer.param_groups, fused=False)

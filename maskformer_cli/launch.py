@@ -71,9 +71,15 @@ RANK_REPORTS_ENV = "MASKFORMER_RANK_REPORTS"
 its message (`report_user_error`)."""
 
 
-def launcher_command(nproc: int, argv: list[str], module: str = "maskformer_cli") -> list[str]:
-    """What `relaunch_with_torchrun` runs: `torchrun_command`'s arguments, through `launcher_main`."""
-    return [sys.executable, "-c", _LAUNCHER, *torchrun_command(nproc, argv, module)[3:]]
+def launcher_command(
+    nproc: int, argv: list[str], module: str = "maskformer_cli", log_dir: str | None = None
+) -> list[str]:
+    """What `relaunch_with_torchrun` runs: `torchrun_command`'s arguments, through `launcher_main`.
+
+    `log_dir` is torchrun's `--log-dir`; without one, torchrun makes a `torchelastic_*` folder in the system
+    temp dir on every run and never removes it."""
+    logs = ["--log-dir", log_dir] if log_dir else []
+    return [sys.executable, "-c", _LAUNCHER, *logs, *torchrun_command(nproc, argv, module)[3:]]
 
 
 def report_user_error(message: str) -> bool:
@@ -209,7 +215,9 @@ def relaunch_with_torchrun(
             f"--gpus {nproc} requested but only {torch.cuda.device_count()} CUDA devices are visible"
         )
     with tempfile.TemporaryDirectory(prefix="maskformer-ranks-") as reports:
-        proc = subprocess.Popen(launcher_command(nproc, argv, module), env={**os.environ, RANK_REPORTS_ENV: reports})
+        # torchrun's per-run folder goes inside `reports`, so it is removed with it
+        cmd = launcher_command(nproc, argv, module, log_dir=os.path.join(reports, "torchrun"))
+        proc = subprocess.Popen(cmd, env={**os.environ, RANK_REPORTS_ENV: reports})
         rc = _wait(proc, timeout)
         return rc if rc == 124 else relaunch_result(rc, rank_reports(reports))
 

@@ -14,7 +14,8 @@ import pytest
 from bad_inputs import build
 from tiny_recipe import tiny
 
-NAMES = [c.name for c in build(Path(tempfile.mkdtemp(prefix="bad-inputs-names-")))]
+with tempfile.TemporaryDirectory(prefix="bad-inputs-names-") as _names_root:
+    NAMES = [c.name for c in build(Path(_names_root))]
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,16 @@ def test_bench_inference_backends_mode_runs():
     for name in ("transformers fp32", "ours torch fp32", "onnxruntime fp32", "openvino fp32", "openvino bf16"):
         assert name in out
     assert out.count("100.00%") >= 3  # torch fp32 itself, and the fp32 backends agree with torch fp32 on every pixel
+
+
+@pytest.mark.slow
+def test_bench_quickstart_step_runs(tmp_path):
+    """On the quickstart recipe itself: a change of a build_* signature must not leave it broken unnoticed."""
+    out = _run("bench_quickstart_step.py", "--steps", "1", "--threads", "1", "--root", str(tmp_path),
+               "--variant", "fp32:", "--variant", "bf16_cl:solver.precision=bf16,channels_last=true")
+    assert "fp32" in out and "bf16_cl" in out and out.count("img/s") == 2
+
+
+def test_bench_metrics_runs_and_checks_agreement():
+    out = _run("bench_metrics.py", "--images", "2", "--size", "64", "--repeat", "1")
+    assert "equal to panopticapi within 1e-9" in out and "mIoU update" in out

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -157,10 +158,16 @@ def test_collectives_agree_across_two_gloo_ranks(
     out = worker_module
     # the parent has no CUDA restriction to check against; relaunch is what `train --gpus 2` calls
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # a temp dir of its own, to see that the job leaves nothing there (torchrun's log folder included)
+    sys_tmp = out.parent / "sys-tmp"
+    sys_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(sys_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(sys_tmp))
     rc = L.relaunch_with_torchrun(
         2, [str(out), "ok", "cpu", "--gpus", "2"], module="_mf_dist_worker", timeout=240
     )
     assert rc == 0
+    assert sorted(p.name for p in sys_tmp.iterdir()) == []
     res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r, x in enumerate(res):
         assert (x["rank"], x["world"], x["local_rank"], x["is_main"]) == (r, 2, r, r == 0)

@@ -231,7 +231,8 @@ def test_two_rank_ddp_matches_single_process(tmp_path, data_root):
     for attempt in range(2):
         out = tmp_path / f"attempt{attempt}"
         r = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+            [sys.executable, "-m", "torch.distributed.run", "--log-dir", str(tmp_path / "torchrun"),
+             "--nproc-per-node", "2", "--standalone", str(script),
              json.dumps(overrides), str(out), json.dumps(variants)],
             capture_output=True, text=True, timeout=600, env=env)
         if r.returncode == 0 or "terminate called without an active exception" not in r.stdout + r.stderr:

@@ -214,8 +214,9 @@ def test_evaluate_under_torchrun_equals_one_process(trained, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "MASKFORMER_DATASETS": str(trained["root"]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--log-dir", str(tmp_path / "torchrun"),
-                        "--nproc-per-node", "2", "--standalone", "-m", "maskformer_cli", "evaluate", str(trained["ckpt"]), "--out", str(out),
-                        "--device", "cpu"], capture_output=True, text=True, timeout=600, env=env)
+                        "--nproc-per-node", "2", "--standalone", "-m", "maskformer_cli", "evaluate",
+                        str(trained["ckpt"]), "--out", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_images"] == 4

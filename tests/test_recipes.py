@@ -170,12 +170,6 @@ def test_mini_ablations_are_cpu_sized(path):
         assert r.data.num_workers <= 1 and r.solver.precision in ("fp32", "auto"), v.name
 
 
-def _differences(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 # What the mini files keep of the quickstart: everything but the run name, the checkpoint cadence, the number
 # of steps and what the file compares (the README's "the quickstart's network and scenes").
 MINI_OWN_KEYS = {"name", "solver.checkpoint_every", "solver.eval_every", "solver.max_iters", "data.task",
@@ -187,6 +181,7 @@ MINI_OWN_KEYS = {"name", "solver.checkpoint_every", "solver.eval_every", "solver
 def test_mini_ablations_share_the_quickstart_network_and_scenes(stem):
     """The re-based mini files train the quickstart recipe except for their variant keys and step count;
     "by mask" (and the inference file's training run) is the quickstart model itself."""
+    from maskformer_cli.commands.ablate import _changed_keys as _differences  # what `ablate` compares runs by
     from maskformer_cli.config import to_dict
 
     quick = to_dict(load_recipe(RECIPES / "quickstart.yaml"))

@@ -128,9 +128,9 @@ def image_mode(args, device: torch.device) -> None:
         print(f"\n[{precision}] median seconds (transformers / ours = ratio):")
         for name, t in (("forward", fwd), ("post-processing", post_t), ("image -> labels", e2e)):
             a, b = statistics.median(t["transformers"]), statistics.median(t["ours"])
-            print(f"  {name:16s} {a:7.3f}  {b:7.3f}   x{a / b:.2f}")
+            print(f"  {name:16s} {a:8.4f}  {b:8.4f}   x{a / b:.2f}")
         a, b = statistics.median(before["written out"]), statistics.median(before["ours"])
-        print(f"  post-processing, written-out exact path (full [Q, H, W] masks) / ours: {a:.3f} / {b:.3f} = "
+        print(f"  post-processing, written-out exact path (full [Q, H, W] masks) / ours: {a:.4f} / {b:.4f} = "
               f"x{a / b:.2f}; labels identical: {same}")
         labels = ours_post(ours_forward())
         if precision == "fp32":
@@ -268,7 +268,7 @@ def predict_mode(args, device: torch.device) -> None:
         base = statistics.median(times["transformers loop"]) / args.images
         for name, t in times.items():
             per = statistics.median(t) / args.images
-            print(f"  {name:34s} {per:6.3f} s/image   x{base / per:.2f}")
+            print(f"  {name:34s} {per:7.4f} s/image   x{base / per:.2f}")
 
 
 def agreement_mode(args, device: torch.device) -> None:

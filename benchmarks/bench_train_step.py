@@ -8,7 +8,7 @@ and without (transformers' default). The two run alternately, step by step. Prin
 ratio, and the matcher's share of ours.
 
     python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3] [--device cpu|cuda]
-                                          [--precision fp32|bf16]
+                                          [--precision fp32|bf16] [--profile]
 """
 
 from __future__ import annotations
@@ -73,16 +73,24 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
-    matcher_time = [0.0]
-    real_call = matcher_mod.HungarianMatcher.__call__
+    matcher_time, depth = [0.0], [0]
+    cls = matcher_mod.HungarianMatcher
+    real = {"__call__": cls.__call__, "match_layers": cls.match_layers}
 
-    def timed_match(self, *a, **kw):
-        sync(device)
-        t = time.perf_counter()
-        r = real_call(self, *a, **kw)
-        sync(device)
-        matcher_time[0] += time.perf_counter() - t
-        return r
+    def timed(name):
+        def run(self, *a, **kw):
+            depth[0] += 1
+            if depth[0] == 1:  # match_layers may call __call__: count the outer call only
+                sync(device)
+                t = time.perf_counter()
+            try:
+                return real[name](self, *a, **kw)
+            finally:
+                if depth[0] == 1:
+                    sync(device)
+                    matcher_time[0] += time.perf_counter() - t
+                depth[0] -= 1
+        return run
 
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": args.precision == "bf16"}
 
@@ -106,14 +114,35 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
 
     step_hf()  # warm-ups: allocations, cudnn autotune
     step_ours()
+    if args.profile:
+        profile({"transformers": step_hf, "maskformer": step_ours}, device)
     # Only our step calls HungarianMatcher (transformers has its own), so the tally is ours alone.
-    matcher_mod.HungarianMatcher.__call__ = timed_match
+    for name in real:
+        setattr(cls, name, timed(name))
     try:
         times = alternate({"transformers": step_hf, "maskformer": step_ours}, args.steps, device)
     finally:
-        matcher_mod.HungarianMatcher.__call__ = real_call
+        for name, fn in real.items():
+            setattr(cls, name, fn)
     t_hf, t_ours = times["transformers"], times["maskformer"]
     return t_hf, t_ours, matcher_time[0] / sum(t_ours)
+
+
+def profile(steps: dict, device: torch.device, rows: int = 18) -> None:
+    """Where each step's time goes: torch.profiler over 3 steps, operators by self time on the device (CPU
+    time on a CPU), the top `rows`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        print(f"profile of 3 steps, {name}:")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 def main() -> None:
@@ -124,6 +153,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: forward passes of both under autocast (the training's --precision bf16)")
+    ap.add_argument("--profile", action="store_true", help="also print where each step's time goes (torch.profiler)")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "

@@ -31,6 +31,7 @@ from maskformer_cli.matcher import (
     Matcher,
     build_matcher,
     common_size,
+    match_layers,
     matchable,
     pad_masks,
 )
@@ -214,10 +215,12 @@ class SetCriterion(nn.Module):
         }
 
     def layer_losses(
-        self, outputs: MaskFormerOutput, targets: Sequence[Target], num_masks: float
+        self, outputs: MaskFormerOutput, targets: Sequence[Target], num_masks: float,
+        indices: Indices | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Match, then every loss, for one decoder layer's output."""
-        indices = self.matcher(outputs, targets)
+        """Match (unless `indices` are given), then every loss, for one decoder layer's output."""
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         losses = {"loss_ce": self.loss_labels(outputs, targets, indices)}
         losses.update(self.loss_masks(outputs, targets, indices, num_masks))
         if self.use_boxes:
@@ -231,10 +234,13 @@ class SetCriterion(nn.Module):
         device = outputs.pred_logits.device
         num_masks = count_masks(targets, device)
         with torch.autocast(device_type=device.type, enabled=False):
-            losses = self.layer_losses(outputs, targets, num_masks)
-            # Each decoder layer is matched anew: its queries need not agree with the last layer's.
-            for i, aux in enumerate(outputs.aux_outputs):
-                losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})
+            # Each decoder layer is matched anew (its queries need not agree with the last layer's), all
+            # layers in one go: see HungarianMatcher.match_layers.
+            layers = [outputs, *outputs.aux_outputs]
+            last, *aux = match_layers(self.matcher, layers, targets) or [None] * len(layers)
+            losses = self.layer_losses(outputs, targets, num_masks, last)
+            for i, (out_i, indices) in enumerate(zip(outputs.aux_outputs, aux, strict=True)):
+                losses.update({f"{k}_{i}": v for k, v in self.layer_losses(out_i, targets, num_masks, indices).items()})
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -120,9 +120,18 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over ranks in place and return it (identity in a single process)."""
+    """Sum `t` over ranks in place and return it (identity in a single process). `t` may live on any device:
+    NCCL reduces only this rank's GPU tensors and gloo is used here for CPU ones, so a tensor elsewhere (a
+    metric's CPU state under NCCL, say) travels to the backend's device and back."""
     if _active() and get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        where = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                 else torch.device("cpu"))
+        if t.device == where:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            moved = t.to(where)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
 
 

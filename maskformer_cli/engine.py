@@ -189,11 +189,15 @@ class Evaluator:
 
     def add(self, pred: dict, meta: dict) -> None:
         """Compare one image's predictions (a `PostProcessor` result: sem_seg, panoptic) with its ground truth."""
+        # The ground truth is read on the CPU; the metrics count on the prediction's device (the GPU during
+        # training on one), so the small label map travels rather than the prediction.
         if "sem_seg" in pred:
-            self.update_semantic(pred["sem_seg"], load_semantic_gt(meta, self.ignore_label))
+            sem = pred["sem_seg"]
+            self.update_semantic(sem, load_semantic_gt(meta, self.ignore_label).to(sem.device))
         if "panoptic" in pred:
             pan, segments = pred["panoptic"]
-            self.update_panoptic(pan, segments, *load_panoptic_gt(meta))
+            gt_pan, gt_segments = load_panoptic_gt(meta)
+            self.update_panoptic(pan, segments, gt_pan.to(pan.device), gt_segments)
         self.num_images += 1
 
     def update_semantic(self, pred: torch.Tensor, gt: torch.Tensor) -> None:

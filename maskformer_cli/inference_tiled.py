@@ -27,9 +27,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Output pixels per band: [Q, band] logits and [band, K] scores stay within a few MB (L2-sized).
+# Output pixels per band on a CPU: [Q, band] logits and [band, K] scores stay within a few MB (L2-sized).
 TILE_PIXELS = 1 << 12
 UPSAMPLE_BANDS = 4
+# On a GPU the cost of small bands is kernel launches (and a host sync per band where a resize is undone),
+# not cache misses: bands there hold up to this many float32 values per [C, band] tensor (64 MiB), which
+# covers a 512x683 image with Q = 100 in one band. Measured on an H200 (benchmarks/bench_inference.py):
+# the CPU's 4096-pixel tiles made the post-processing 4x slower than the written-out [Q, H, W] path.
+GPU_BAND_VALUES = 1 << 24
+
+
+def tile_pixels_for(device: torch.device | str, channels: int) -> int:
+    """Pixels per tile for maps of `channels` (max of Q and K) on `device`: cache-sized on a CPU, as large
+    as GPU_BAND_VALUES allows on an accelerator. The maps are exact whatever the tile (see above)."""
+    if torch.device(device).type == "cpu":
+        return TILE_PIXELS
+    return max(TILE_PIXELS, GPU_BAND_VALUES // max(int(channels), 1))
 
 
 def _interp_taps(in_size: int, out_size: int, dtype: torch.dtype, device: Any

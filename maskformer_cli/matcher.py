@@ -97,6 +97,18 @@ def _solve(cost: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return linear_sum_assignment(cost.cpu().double().numpy())
 
 
+def match_layers(matcher: Callable, layers: Sequence[MaskFormerOutput], targets: Sequence[Target]
+                 ) -> list[Indices] | None:
+    """Every decoder layer's matching at once (deep supervision), equal to [matcher(o, targets) for o in
+    layers], where the matcher can do that (HungarianMatcher on dense masks); None where layers are matched
+    one at a time by the caller: with point sampling the matcher's random draws interleave with the loss's,
+    layer by layer, and that order is kept (same points for the same seed as before)."""
+    batched = getattr(matcher, "match_layers", None)
+    if batched is None or getattr(matcher, "num_points", 0) > 0:
+        return None
+    return batched(layers, targets)
+
+
 class HungarianMatcher:
     """Bipartite matching on class and mask costs (paper Sec. 3.2): -p_i(c_j) + w_f * focal + w_d * dice.
 
@@ -169,6 +181,46 @@ class HungarianMatcher:
         size = common_size(targets)
         return _match_each_image(outputs, targets, lambda b, target, kd: self.cost_matrix(
             outputs.pred_logits[b], outputs.pred_masks[b], target.classes[kd], target.masks[kd], size))
+
+
+    @torch.no_grad()
+    def match_layers(self, layers: Sequence[MaskFormerOutput], targets: Sequence[Target]) -> list[Indices]:
+        """[self(o, targets) for o in layers], computed together: per image, one cost matrix [L*Q, M] for
+        the L layers (the targets are downsampled once, one product per term), and one device-to-host copy
+        for the whole batch. On a GPU the per-layer path waits for the device L x B times; this once.
+        With point sampling each layer keeps its own random points, so that path stays per layer."""
+        if self.num_points > 0 or len(layers) < 2:
+            return [self(o, targets) for o in layers]
+        for o in layers:
+            _check_batch(o, targets)
+        size = common_size(targets)
+        num_layers, q = len(layers), layers[0].pred_logits.shape[1]
+        keeps, costs = [], []
+        with torch.autocast(device_type=layers[0].pred_logits.device.type, enabled=False):
+            for b, target in enumerate(targets):
+                keep = matchable(target)
+                keeps.append(keep)
+                if keep.numel():
+                    kd = keep.to(target.classes.device)
+                    logits = torch.cat([o.pred_logits[b] for o in layers])  # [L*Q, K+1]
+                    masks = torch.cat([o.pred_masks[b] for o in layers])  # [L*Q, h, w]
+                    costs.append(self.cost_matrix(logits, masks, target.classes[kd], target.masks[kd], size))
+            host = (torch.cat([c.flatten() for c in costs]) if costs else torch.zeros(0)).float()
+            host = torch.nan_to_num(host, nan=_BAD_COST, posinf=_BAD_COST, neginf=-_BAD_COST).cpu().double()
+        out: list[Indices] = [[] for _ in layers]
+        start = 0
+        for keep in keeps:
+            if keep.numel() == 0:
+                for indices in out:
+                    indices.append(_empty())
+                continue
+            m = keep.numel()
+            per_image = host[start : start + num_layers * q * m].view(num_layers, q, m).numpy()
+            start += num_layers * q * m
+            for layer, indices in enumerate(out):
+                rows, cols = linear_sum_assignment(per_image[layer])
+                indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
+        return out
 
 
 class FixedMatcher:

@@ -122,6 +122,10 @@ _WORKER = textwrap.dedent(
     res["device"] = str(dev)
     t = torch.tensor([float(r + 1), 10.0 * (r + 1)], device=dev)
     res["sum"] = D.all_reduce_sum(t).tolist()
+    # a tensor off the backend's device (a metric's CPU state under NCCL, a CUDA one under gloo) travels
+    other = torch.device("cuda", 0) if dev.type == "cpu" and torch.cuda.is_available() else torch.device("cpu")
+    e = torch.tensor([float(r + 1)], device=other)
+    res["sum_elsewhere"] = [D.all_reduce_sum(e).tolist(), str(e.device)]
     res["gathered"] = D.all_gather_object({"rank": r, "shard": D.shard_indices(11, r, w)})
     res["broadcast"] = D.broadcast_object(f"from {r}")
     # only rank 1 sees a NaN / an inf; every rank must agree to skip
@@ -172,7 +176,7 @@ def test_collectives_agree_across_two_gloo_ranks(
     for r, x in enumerate(res):
         assert (x["rank"], x["world"], x["local_rank"], x["is_main"]) == (r, 2, r, r == 0)
         assert (x["get_rank"], x["get_world_size"]) == (r, 2)
-        assert x["sum"] == [3.0, 30.0]
+        assert x["sum"] == [3.0, 30.0] and x["sum_elsewhere"] == [[3.0], "cpu"]
         assert x["gathered"] == [
             {"rank": 0, "shard": list(range(0, 6))},
             {"rank": 1, "shard": list(range(6, 11))},
@@ -180,6 +184,20 @@ def test_collectives_agree_across_two_gloo_ranks(
         assert x["broadcast"] == "from 0"
         assert x["nonfinite_nan"] is True and x["nonfinite_inf"] is True and x["nonfinite_none"] is False
     assert not math.isnan(res[0]["sum"][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+def test_gloo_ranks_reduce_cuda_tensors_through_the_cpu(worker_module: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other half of all_reduce_sum's device handling, on a machine with a GPU: 2 gloo ranks (CPU
+    training) sum a CUDA tensor, which travels to the CPU and back (under NCCL, CPU metric states travel to the
+    GPU: that needs 2 GPUs)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the parent's GPU count is not checked
+    rc = L.relaunch_with_torchrun(2, [str(worker_module), "ok", "cpu"], module="_mf_dist_worker", timeout=240)
+    assert rc == 0
+    for r in range(2):
+        x = json.loads((worker_module / f"rank{r}.json").read_text())
+        assert x["sum"] == [3.0, 30.0] and x["sum_elsewhere"] == [[3.0], "cuda:0"]
 
 
 @pytest.mark.distributed
@@ -203,6 +221,7 @@ def test_nccl_single_rank_under_torchrun(worker_module: Path) -> None:
     x = json.loads((worker_module / "rank0.json").read_text())
     assert x["device"] == "cuda:0" and (x["rank"], x["world"]) == (0, 1)
     assert x["sum"] == [1.0, 10.0] and x["gathered"] == [{"rank": 0, "shard": list(range(11))}]
+    assert x["sum_elsewhere"] == [[1.0], "cpu"]
     assert x["nonfinite_nan"] is True and x["nonfinite_inf"] is True and x["nonfinite_none"] is False
 
 

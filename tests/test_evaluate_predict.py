@@ -348,6 +348,37 @@ def test_predict_batched_equals_one_by_one(trained, tmp_path):
         np.testing.assert_array_equal(np.array(Image.open(f)), np.array(Image.open(three / "labels" / f.name)))
 
 
+def test_predict_records_keep_the_input_order_when_writers_finish_out_of_order(trained, tmp_path, monkeypatch):
+    """Several writer threads encode images at once; the first images are made the slowest to write, and the
+    manifest, panoptic.json and instances.json still list the images in input order, as one writer gives."""
+    import time
+
+    from maskformer_cli.commands import predict as predict_cmd
+    from maskformer_cli.data import prefetch
+
+    monkeypatch.setattr(prefetch, "default_workers", lambda: 4)
+    real_write = predict_cmd._Writer.write
+    finished = []
+
+    def slow_first(self, pred, meta, path, stem, ms):
+        time.sleep(0.4 / (1 + meta["index"]))
+        real_write(self, pred, meta, path, stem, ms)
+        finished.append(meta["index"])
+
+    monkeypatch.setattr(predict_cmd._Writer, "write", slow_first)
+    out = tmp_path / "pred"
+    invoke(["predict", trained["val_images"], "--weights", trained["ckpt"], "--task", "panoptic", "--out", out,
+            "--rle"], trained["root"])
+    assert finished != sorted(finished)  # the writers did finish out of order
+    stems = [p.stem for p in sorted(trained["val_images"].iterdir())]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [Path(r["file"]).stem for r in manifest["images"]] == stems
+    pan = json.loads((out / "panoptic.json").read_text())
+    assert [Path(a["file_name"]).stem for a in pan["annotations"]] == stems
+    names = [Path(r["file_name"]).stem for r in json.loads((out / "instances.json").read_text())]
+    assert names == sorted(names, key=stems.index) and set(names) <= set(stems)
+
+
 def test_evaluate_and_predict_with_detr_panoptic_postprocessing(trained, tmp_path):
     """Table 3's "MaskFormer (DETR)": `evaluate CKPT inference.panoptic_postprocessing=detr` computes PQ with
     DETR's post-processing, and `predict --task panoptic` with the same setting saves those very segments."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maskformer_cli.config import LossConfig
-from maskformer_cli.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, build_matcher
+from maskformer_cli.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, build_matcher, match_layers
 from maskformer_cli.structures import MaskFormerOutput, Target
 
 K = 6  # classes
@@ -114,6 +114,25 @@ def test_batched_equals_per_image_including_empty_image():
         assert torch.equal(r1, r2) and torch.equal(c1, c2)
     assert batched[1][0].numel() == 0 and batched[1][1].numel() == 0
     assert batched[1][0].dtype == torch.int64
+
+
+def test_all_layers_at_once_equal_one_layer_at_a_time():
+    """Deep supervision's matching of L layers in one go (one cost product per image, one device-to-host copy)
+    gives each layer the assignment of matching it alone: crowd, empty and differently sized targets, NaN."""
+    layers = [_outputs(3, 5, seed=s) for s in range(4)]
+    layers[2].pred_masks[2, 3] = float("nan")
+    targets = [_target(3, seed=1, crowd=[False, True, False]), _target(0, seed=2),
+               _target(4, size=(12, 16), seed=3)]
+    together = match_layers(HungarianMatcher(), layers, targets)
+    assert len(together) == len(layers)
+    for layer, indices in zip(layers, together, strict=True):
+        for (r1, c1), (r2, c2) in zip(indices, HungarianMatcher()(layer, targets), strict=True):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2) and r1.dtype == c1.dtype == torch.int64
+    assert together[0][1][0].numel() == 0 and 1 not in together[0][0][1].tolist()
+    assert 3 not in together[2][2][0].tolist()  # the NaN query of layer 2, image 2 loses
+    # matchers that match one layer at a time leave it to the caller
+    assert match_layers(HungarianMatcher(num_points=16), layers, targets) is None
+    assert match_layers(FixedMatcher(), layers, targets) is None
 
 
 def test_targets_of_different_sizes_are_padded_to_the_batch_size():

@@ -186,6 +186,29 @@ def test_a_cityscapes_image_needs_no_query_sized_tensor(monkeypatch):
     assert torch.equal(labels[500:520], semantic_inference(cls, rows).argmax(0)[20:40])
 
 
+def test_accelerator_tiles_are_large_bounded_and_give_the_same_maps():
+    """On a GPU the bands are as large as GPU_BAND_VALUES allows (a 512x683 image with Q = 100 in one band:
+    small bands cost kernel launches there); the maps do not depend on the tile (float64: bit-equal)."""
+    import dataclasses
+
+    assert tiled.tile_pixels_for("cpu", 100) == tiled.TILE_PIXELS
+    gpu_tile = tiled.tile_pixels_for("cuda", 150)  # a torch.device, no CUDA needed to size it
+    assert 512 * 683 <= gpu_tile * tiled.UPSAMPLE_BANDS and gpu_tile * 150 <= tiled.GPU_BAND_VALUES
+    assert tiled.tile_pixels_for("cuda", 10**9) == tiled.TILE_PIXELS  # never below the CPU's
+    cls, masks = _outputs(q=12, k=5, h=40, w=52, seed=3, dtype=torch.float64, peaked=True)
+    for mode in ("semantic", "general"):
+        pp = _pp(5, mode=mode, object_mask_threshold=0.5, overlap_threshold=0.1, general_threshold=0.2,
+                 thing_ids=(0, 1))
+        want = ("sem_seg", "panoptic", "instances")
+        args = (MaskFormerOutput(cls[None], masks[None]), [(150, 200)], (160, 208), [(233, 301)], want)
+        (small,) = dataclasses.replace(pp, tile_pixels=97).postprocess(*args)  # many bands
+        (large,) = dataclasses.replace(pp, tile_pixels=gpu_tile).postprocess(*args)  # one band
+        assert torch.equal(small["sem_seg"], large["sem_seg"])
+        assert torch.equal(small["panoptic"][0], large["panoptic"][0]) and small["panoptic"][1] == large["panoptic"][1]
+        assert small["panoptic"][1]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(small["instances"], large["instances"], strict=True))
+
+
 def test_inference_defaults_have_one_home():
     """Thresholds come from InferenceConfig only: the post-processor has no defaults of its own."""
     import dataclasses

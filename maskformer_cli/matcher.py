@@ -86,15 +86,21 @@ def _match_each_image(
             if keep.numel() == 0:
                 indices.append(_empty())
                 continue
-            rows, cols = _solve(cost(b, target, keep.to(target.classes.device)))
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
+            matrix = _finite(cost(b, target, keep.to(target.classes.device)))
+            indices.append(_solve(matrix.cpu().double().numpy(), keep))
     return indices
 
 
-def _solve(cost: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment of a [Q, M] cost matrix (min(Q, M) pairs), non-finite entries replaced."""
-    cost = torch.nan_to_num(cost.float(), nan=_BAD_COST, posinf=_BAD_COST, neginf=-_BAD_COST)
-    return linear_sum_assignment(cost.cpu().double().numpy())
+def _finite(cost: torch.Tensor) -> torch.Tensor:
+    """fp32 costs with NaN / inf replaced (see _BAD_COST)."""
+    return torch.nan_to_num(cost.float(), nan=_BAD_COST, posinf=_BAD_COST, neginf=-_BAD_COST)
+
+
+def _solve(cost: np.ndarray, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-cost assignment of a [Q, M'] float64 cost matrix (min(Q, M') pairs) against the target
+    segments at indices `keep` [M']: (prediction indices, target segment indices), int64."""
+    rows, cols = linear_sum_assignment(cost)
+    return torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]
 
 
 def match_layers(matcher: Callable, layers: Sequence[MaskFormerOutput], targets: Sequence[Target]
@@ -182,7 +188,6 @@ class HungarianMatcher:
         return _match_each_image(outputs, targets, lambda b, target, kd: self.cost_matrix(
             outputs.pred_logits[b], outputs.pred_masks[b], target.classes[kd], target.masks[kd], size))
 
-
     @torch.no_grad()
     def match_layers(self, layers: Sequence[MaskFormerOutput], targets: Sequence[Target]) -> list[Indices]:
         """[self(o, targets) for o in layers], computed together: per image, one cost matrix [L*Q, M] for
@@ -205,8 +210,7 @@ class HungarianMatcher:
                     logits = torch.cat([o.pred_logits[b] for o in layers])  # [L*Q, K+1]
                     masks = torch.cat([o.pred_masks[b] for o in layers])  # [L*Q, h, w]
                     costs.append(self.cost_matrix(logits, masks, target.classes[kd], target.masks[kd], size))
-            host = (torch.cat([c.flatten() for c in costs]) if costs else torch.zeros(0)).float()
-            host = torch.nan_to_num(host, nan=_BAD_COST, posinf=_BAD_COST, neginf=-_BAD_COST).cpu().double()
+            host = _finite(torch.cat([c.flatten() for c in costs]) if costs else torch.zeros(0)).cpu().double()
         out: list[Indices] = [[] for _ in layers]
         start = 0
         for keep in keeps:
@@ -218,8 +222,7 @@ class HungarianMatcher:
             per_image = host[start : start + num_layers * q * m].view(num_layers, q, m).numpy()
             start += num_layers * q * m
             for layer, indices in enumerate(out):
-                rows, cols = linear_sum_assignment(per_image[layer])
-                indices.append((torch.as_tensor(rows, dtype=torch.int64), keep[torch.as_tensor(cols)]))
+                indices.append(_solve(per_image[layer], keep))
         return out
 
 

@@ -177,7 +177,7 @@ MINI_OWN_KEYS = {"name", "solver.checkpoint_every", "solver.eval_every", "solver
 
 
 @pytest.mark.parametrize("stem", ["box_vs_mask_matching", "inference", "per_pixel_vs_mask", "queries",
-                                  "decoder_layers"])
+                                  "decoder_layers", "per_pixel_vs_mask_classes"])
 def test_mini_ablations_share_the_quickstart_network_and_scenes(stem):
     """The re-based mini files train the quickstart recipe except for their variant keys and step count;
     "by mask" (and the inference file's training run) is the quickstart model itself."""
@@ -187,7 +187,8 @@ def test_mini_ablations_share_the_quickstart_network_and_scenes(stem):
     quick = to_dict(load_recipe(RECIPES / "quickstart.yaml"))
     abl = load_ablation(RECIPES / "ablations" / "mini" / f"{stem}.yaml")
     # Table 4's file: N = K as in the paper; it scores semantic maps only, where no object threshold applies
-    own = {"per_pixel_vs_mask": {"model.num_queries", "inference.object_mask_threshold"}}.get(stem, set())
+    own = {"per_pixel_vs_mask": {"model.num_queries", "inference.object_mask_threshold"},
+           "per_pixel_vs_mask_classes": {"model.num_queries", "inference.object_mask_threshold"}}.get(stem, set())
     assert set(_differences(quick, to_dict(abl.base))) <= MINI_OWN_KEYS | own
     if stem in ("box_vs_mask_matching", "inference"):
         by_mask = abl.base if stem == "inference" else next(v.recipe for v in abl.variants if v.name == "by mask")

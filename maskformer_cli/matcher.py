@@ -106,14 +106,11 @@ def _solve(cost: np.ndarray, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def match_layers(matcher: Callable, layers: Sequence[MaskFormerOutput], targets: Sequence[Target]
                  ) -> list[Indices] | None:
     """Every decoder layer's matching at once (deep supervision), equal to [matcher(o, targets) for o in
-    layers], where the matcher can do that and it pays: HungarianMatcher on dense masks on an accelerator.
-    None where the caller matches one layer at a time:
-    - on a CPU there is no device to wait for, and the per-layer products keep the float rounding, hence
-      the training trajectories, that the CPU results in the README were measured with (the [L*Q, M]
-      product rounds a near-tie differently now and then, and 1100 steps later the numbers differ);
-    - with point sampling the matcher's random draws interleave with the loss's, layer by layer."""
+    layers], where the matcher can do that (HungarianMatcher on dense masks); None where layers are matched
+    one at a time by the caller: with point sampling the matcher's random draws interleave with the loss's,
+    layer by layer, and that order is kept (same points for the same seed as before)."""
     batched = getattr(matcher, "match_layers", None)
-    if batched is None or getattr(matcher, "num_points", 0) > 0 or layers[0].pred_masks.device.type == "cpu":
+    if batched is None or getattr(matcher, "num_points", 0) > 0:
         return None
     return batched(layers, targets)
 

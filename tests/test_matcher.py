@@ -123,16 +123,14 @@ def test_all_layers_at_once_equal_one_layer_at_a_time():
     layers[2].pred_masks[2, 3] = float("nan")
     targets = [_target(3, seed=1, crowd=[False, True, False]), _target(0, seed=2),
                _target(4, size=(12, 16), seed=3)]
-    together = HungarianMatcher().match_layers(layers, targets)  # what match_layers runs on an accelerator
+    together = match_layers(HungarianMatcher(), layers, targets)
     assert len(together) == len(layers)
     for layer, indices in zip(layers, together, strict=True):
         for (r1, c1), (r2, c2) in zip(indices, HungarianMatcher()(layer, targets), strict=True):
             assert torch.equal(r1, r2) and torch.equal(c1, c2) and r1.dtype == c1.dtype == torch.int64
     assert together[0][1][0].numel() == 0 and 1 not in together[0][0][1].tolist()
     assert 3 not in together[2][2][0].tolist()  # the NaN query of layer 2, image 2 loses
-    # left to the caller, one layer at a time: on a CPU (the rounding the CPU results were measured with),
-    # with point sampling (the order of random draws), and for matchers without match_layers
-    assert match_layers(HungarianMatcher(), layers, targets) is None
+    # matchers that match one layer at a time leave it to the caller
     assert match_layers(HungarianMatcher(num_points=16), layers, targets) is None
     assert match_layers(FixedMatcher(), layers, targets) is None
 

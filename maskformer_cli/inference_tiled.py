@@ -39,7 +39,8 @@ GPU_BAND_VALUES = 1 << 24
 
 def tile_pixels_for(device: torch.device | str, channels: int) -> int:
     """Pixels per tile for maps of `channels` (max of Q and K) on `device`: cache-sized on a CPU, as large
-    as GPU_BAND_VALUES allows on an accelerator. The maps are exact whatever the tile (see above)."""
+    as GPU_BAND_VALUES allows on an accelerator; what every function here uses when given no tile_pixels.
+    The maps are exact whatever the tile (see above)."""
     if torch.device(device).type == "cpu":
         return TILE_PIXELS
     return max(TILE_PIXELS, GPU_BAND_VALUES // max(int(channels), 1))
@@ -70,7 +71,7 @@ def row_tiles(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
-    tile_pixels: int = TILE_PIXELS,
+    tile_pixels: int | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (y0, y1, band [C, y1 - y0, W]): rows y0..y1 of the maps brought to the output size.
 
@@ -78,6 +79,7 @@ def row_tiles(
     upsample(maps, (Hp, Wp))[:, :hi, :wi] resized to (H, W), bilinear with align_corners=False.
     """
     c, h, w = maps.shape
+    tile_pixels = tile_pixels or tile_pixels_for(maps.device, c)
     hp, wp = (int(s) for s in padded_size)
     hi, wi = (int(s) for s in image_size)
     ho, wo = (int(s) for s in output_size)
@@ -140,7 +142,7 @@ def semantic_labels(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
-    tile_pixels: int = TILE_PIXELS,
+    tile_pixels: int | None = None,
 ) -> torch.Tensor:
     """argmax_c sum_i p_i(c) * sigmoid(m_i) at full resolution -> labels [H, W] int64.
 
@@ -148,6 +150,7 @@ def semantic_labels(
     Equal to `semantic_inference(...)` on the full-size masks, then argmax over K.
     """
     ho, wo = (int(s) for s in output_size)
+    tile_pixels = tile_pixels or tile_pixels_for(mask_logits.device, max(class_probs.shape))
     labels = torch.empty((ho, wo), dtype=torch.int64, device=mask_logits.device)
     if class_probs.shape[0] == 0:
         return labels.zero_()
@@ -168,7 +171,7 @@ def class_logit_labels(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
-    tile_pixels: int = TILE_PIXELS,
+    tile_pixels: int | None = None,
 ) -> torch.Tensor:
     """Per-pixel baselines: argmax over K of the upsampled class logits [K, h, w] -> labels [H, W] int64."""
     ho, wo = (int(s) for s in output_size)
@@ -184,7 +187,7 @@ def weighted_mask_argmax(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
-    tile_pixels: int = TILE_PIXELS,
+    tile_pixels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """argmax_i weights_i * sigmoid(m_i) per pixel (ties: lowest i), and each mask's binary area.
 
@@ -194,6 +197,7 @@ def weighted_mask_argmax(
     """
     ho, wo = (int(s) for s in output_size)
     n = mask_logits.shape[0]
+    tile_pixels = tile_pixels or tile_pixels_for(mask_logits.device, n)
     assignment = torch.empty((ho, wo), dtype=torch.int64, device=mask_logits.device)
     area = torch.zeros(n, dtype=torch.int64, device=mask_logits.device)
     w = weights.view(-1, 1, 1)
@@ -209,7 +213,7 @@ def full_resolution(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
-    tile_pixels: int = TILE_PIXELS,
+    tile_pixels: int | None = None,
 ) -> torch.Tensor:
     """The whole [C, H, W] (for the few outputs that need every value: instance masks, TTA scores)."""
     ho, wo = (int(s) for s in output_size)

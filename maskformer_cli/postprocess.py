@@ -133,12 +133,8 @@ class PostProcessor:
                 results.append(_with_cpu_fallback(self._one, outputs.pred_logits[i], outputs.pred_masks[i], *args))
         return results
 
-    def _tile(self, maps: torch.Tensor, channels: int) -> int:
-        return self.tile_pixels or tiled.tile_pixels_for(maps.device, channels)
-
     def _one_per_pixel(self, logits, image_size, padded_size, output_size, want) -> dict:
-        tile = self._tile(logits, logits.shape[0])
-        return {"sem_seg": tiled.class_logit_labels(logits, image_size, padded_size, output_size, tile)}
+        return {"sem_seg": tiled.class_logit_labels(logits, image_size, padded_size, output_size, self.tile_pixels)}
 
     def _one(self, class_logits, mask_logits, image_size, padded_size, output_size, want) -> dict:
         sizes = (image_size, padded_size, output_size)
@@ -148,45 +144,43 @@ class PostProcessor:
         if "panoptic" in want:
             out["panoptic"] = self.panoptic(class_logits, mask_logits, *sizes)
         if "instances" in want:
-            masks = tiled.full_resolution(mask_logits, *sizes, self._tile(mask_logits, mask_logits.shape[0]))
+            masks = tiled.full_resolution(mask_logits, *sizes, self.tile_pixels)
             out["instances"] = instance_inference(class_logits, masks, self.thing_ids or None)
         return out
 
     def semantic_map(self, class_logits, mask_logits, image_size, padded_size, output_size) -> torch.Tensor:
         """[H, W] int64 labels by the configured semantic inference."""
         sizes = (image_size, padded_size, output_size)
-        tile = self._tile(mask_logits, max(class_logits.shape))
         if self.mode == "semantic":
             probs = F.softmax(class_logits, dim=-1)[:, :-1]
-            return tiled.semantic_labels(probs, mask_logits, *sizes, tile)
+            return tiled.semantic_labels(probs, mask_logits, *sizes, self.tile_pixels)
         if self.mode == "general":
             scores, classes = F.softmax(class_logits, dim=-1).max(-1)
             keep = (classes != self.num_classes) & (scores >= self.general_threshold)
             kept = keep.nonzero().squeeze(1)
             if kept.numel() == 0:
                 return torch.full(tuple(output_size), self.ignore_label, dtype=torch.int64, device=mask_logits.device)
-            assignment, _ = tiled.weighted_mask_argmax(scores[kept], mask_logits[kept], *sizes, tile)
+            assignment, _ = tiled.weighted_mask_argmax(scores[kept], mask_logits[kept], *sizes, self.tile_pixels)
             return classes[kept][assignment]
         # iterative: rounds over the whole map (a research ablation; not on the fast path)
-        masks = tiled.full_resolution(mask_logits, *sizes, tile)
+        masks = tiled.full_resolution(mask_logits, *sizes, self.tile_pixels)
         return iterative_inference(class_logits, masks, ratio=self.iterative_ratio)[0].argmax(0)
 
     def panoptic(self, class_logits, mask_logits, image_size, padded_size, output_size
                  ) -> tuple[torch.Tensor, list[dict]]:
         """(segment ids [H, W] int32, segments_info) by MaskFormer's or DETR's post-processing."""
         sizes = (image_size, padded_size, output_size)
-        tile = self._tile(mask_logits, mask_logits.shape[0])
         scores, classes = F.softmax(class_logits, dim=-1).max(-1)
         if self.panoptic_postprocessing == "detr":
             keep = classes.ne(self.num_classes) & (scores > self.detr_threshold)
             if not bool(keep.any()):
                 return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
-            masks = tiled.full_resolution(mask_logits[keep], *sizes, tile)
+            masks = tiled.full_resolution(mask_logits[keep], *sizes, self.tile_pixels)
             return detr_panoptic_inference(class_logits[keep], masks, self.thing_ids, self.detr_threshold)
         keep = classes.ne(self.num_classes) & (scores > self.object_mask_threshold)
         if not bool(keep.any()):
             return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
-        assignment, binary_area = tiled.weighted_mask_argmax(scores[keep], mask_logits[keep], *sizes, tile)
+        assignment, binary_area = tiled.weighted_mask_argmax(scores[keep], mask_logits[keep], *sizes, self.tile_pixels)
         return panoptic_segments_from_assignment(assignment, binary_area, scores[keep], classes[keep],
                                                  self.thing_ids, self.overlap_threshold)
 

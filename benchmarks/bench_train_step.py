@@ -2,13 +2,14 @@
 
 A step = forward, Hungarian matching, losses, backward, AdamW step. Both models use the same configuration
 (ResNet-50 with trainable BatchNorm as HF has it, FPN 256, 6 decoder layers, 100 queries, 150 classes) and
-the same weights (HF's, converted). Measured twice: with deep supervision (the paper's loss after every
+the same weights (HF's, converted), and torch's fused AdamW. `--cuda-graphs` adds a third peer: ours with
+`solver.cuda_graphs` (the network's forward and backward replayed as CUDA graphs). Measured twice: with deep supervision (the paper's loss after every
 decoder layer; transformers' `use_auxiliary_loss=True`, which adds a seventh loss on the decoder's input)
 and without (transformers' default). The two run alternately, step by step. Prints seconds per step, the
 ratio, and the matcher's share of ours.
 
     python benchmarks/bench_train_step.py [--size 512] [--batch 2] [--steps 3] [--device cpu|cuda]
-                                          [--precision fp32|bf16] [--profile]
+                                          [--precision fp32|bf16] [--profile] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
     from maskformer_cli import matcher as matcher_mod
     from maskformer_cli.config import load_recipe
     from maskformer_cli.criterion import build_criterion
+    from maskformer_cli.cuda_graphs import enable_cuda_graphs
     from maskformer_cli.models import build_model, normalize
     from maskformer_cli.models.convert import load_checkpoint_weights
     from maskformer_cli.models.strict_load import load_into
+    from maskformer_cli.optim import build_optimizer
     from maskformer_cli.structures import Target
 
     K = 150
@@ -64,14 +67,22 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
     criterion = build_criterion(recipe.loss, K)
     hf.to(device).train()
     ours.to(device).train()
+    graphed = None
+    if args.cuda_graphs:  # a third peer: our model with solver.cuda_graphs (same weights, its own optimizer)
+        graphed = build_model(recipe.model, K)
+        load_into(graphed, state)
+        enable_cuda_graphs(graphed.to(device).train())
 
     x = torch.rand(args.batch, 3, args.size, args.size, device=device) * 255
     targets = make_targets(args.batch, args.size, K, device)
     ours_targets = [Target(classes=c, masks=m) for c, m in targets]
     hf_labels = [c for c, _ in targets]
     hf_masks = [m.float() for _, m in targets]
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    # Both with torch's fused AdamW (one kernel per step: what our trainer builds, and transformers' Trainer's
+    # "adamw_torch_fused"), so that the optimiser's launches do not decide the ratio.
+    opt_ours = build_optimizer(ours, recipe.solver)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+    opt_graphed = build_optimizer(graphed, recipe.solver) if graphed is not None else None
 
     matcher_time, depth = [0.0], [0]
     cls = matcher_mod.HungarianMatcher
@@ -94,12 +105,16 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
 
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": args.precision == "bf16"}
 
-    def step_ours():
-        opt_ours.zero_grad(set_to_none=True)
-        with torch.autocast(**amp):
-            loss = criterion.weighted_total(criterion(ours(normalize(x)), ours_targets))
-        loss.backward()
-        opt_ours.step()
+    def step_of(model, opt):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(**amp):
+                loss = criterion.weighted_total(criterion(model(normalize(x)), ours_targets))
+            loss.backward()
+            opt.step()
+        return step
+
+    step_ours = step_of(ours, opt_ours)
 
     def step_hf():
         opt_hf.zero_grad(set_to_none=True)
@@ -112,20 +127,23 @@ def measure(args, device, deep_supervision: bool) -> tuple[list[float], list[flo
         out.loss.backward()
         opt_hf.step()
 
-    step_hf()  # warm-ups: allocations, cudnn autotune
-    step_ours()
+    steps = {"transformers": step_hf, "maskformer": step_ours}
+    if graphed is not None:
+        steps["maskformer_graphs"] = step_of(graphed, opt_graphed)
+    for step in steps.values():  # warm-ups: allocations, cudnn autotune, graph capture
+        step()
     if args.profile:
-        profile({"transformers": step_hf, "maskformer": step_ours}, device)
+        profile(steps, device)
     # Only our step calls HungarianMatcher (transformers has its own), so the tally is ours alone.
     for name in real:
         setattr(cls, name, timed(name))
     try:
-        times = alternate({"transformers": step_hf, "maskformer": step_ours}, args.steps, device)
+        times = alternate(steps, args.steps, device)
     finally:
         for name, fn in real.items():
             setattr(cls, name, fn)
-    t_hf, t_ours = times["transformers"], times["maskformer"]
-    return t_hf, t_ours, matcher_time[0] / sum(t_ours)
+    # The tally covers both of our peers' matching; each runs it on the same targets, equally often.
+    return times, matcher_time[0] / (sum(times["maskformer"]) + sum(times.get("maskformer_graphs", [])))
 
 
 def profile(steps: dict, device: torch.device, rows: int = 18) -> None:
@@ -154,19 +172,23 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: forward passes of both under autocast (the training's --precision bf16)")
     ap.add_argument("--profile", action="store_true", help="also print where each step's time goes (torch.profiler)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time our step with solver.cuda_graphs (CUDA only: elsewhere it runs eagerly)")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{args.precision}, batch {args.batch}, {args.size}x{args.size}, ResNet-50, 100 queries, 6 decoder layers, 150 classes")
     for ds in (True, False):
-        t_hf, t_ours, share = measure(args, device, ds)
-        m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+        times, share = measure(args, device, ds)
+        m_hf = statistics.median(times["transformers"])
         label = ("deep supervision on (the paper; transformers: use_auxiliary_loss=True)" if ds
                  else "deep supervision off (transformers' default)")
         print(label)
-        print(f"  transformers : {m_hf:.3f} s/step  (runs: {', '.join(f'{t:.3f}' for t in t_hf)})")
-        print(f"  maskformer   : {m_ours:.3f} s/step  (runs: {', '.join(f'{t:.3f}' for t in t_ours)})")
-        print(f"  speed-up     : {m_hf / m_ours:.2f}x   matcher share of our step: {100 * share:.1f}%")
+        for name, t in times.items():
+            m = statistics.median(t)
+            ratio = "" if name == "transformers" else f"  speed-up {m_hf / m:.2f}x"
+            print(f"  {name:<18}: {m:.3f} s/step{ratio}  (runs: {', '.join(f'{v:.3f}' for v in t)})")
+        print(f"  matcher share of our steps: {100 * share:.1f}%")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
+from maskformer_cli.cuda_graphs import is_graphed
 from maskformer_cli.data.datasets import read_label, read_panoptic_ids, segments_to_categories
 from maskformer_cli.metrics import SemanticMetrics
 from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
@@ -92,6 +93,11 @@ def train_step(
                 scaler.scale(loss).backward()
             else:
                 loss.backward()
+        if i < n - 1 and is_graphed(unwrap(model)):
+            # A graphed backward hands gradients back in static buffers that its next replay overwrites;
+            # the accumulated sum must own its memory.
+            for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
+                p.grad = p.grad.clone()
         # One device-to-host copy for the total and every logged term (on a GPU each float() would be a
         # synchronisation: ~20 of them per step with deep supervision).
         values = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()

@@ -166,6 +166,11 @@ class SolverConfig:
     weight_decay_embed: float = 0.0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Autocast of the forward pass; 'auto': bf16 where the device runs it fast, else fp32 (precision.py)."""
+    cuda_graphs: bool = False
+    """Replay the network's training forward and backward as CUDA graphs (cuda_graphs.py): on a GPU at small
+    per-GPU batches the step is bound by kernel launches, not by the GPU. Needs a CUDA device and fixed-size
+    training batches (other shapes fall back to eager after two); single GPU for now (refused under DDP
+    until verified there). Gradients equal eager ones to the GPU's run-to-run noise (tests/test_cuda_graphs)."""
     seed: int = 0
     deterministic: bool = False
     checkpoint_every: int = 5000

@@ -27,8 +27,9 @@ def test_bench_mask_loss_runs_and_checks_agreement():
 @pytest.mark.slow
 def test_bench_train_step_runs():
     pytest.importorskip("transformers")
-    out = _run("bench_train_step.py", "--size", "64", "--steps", "1", "--device", "cpu", "--precision", "bf16")
-    assert out.count("speed-up") == 2 and "matcher share" in out
+    out = _run("bench_train_step.py", "--size", "64", "--steps", "1", "--device", "cpu", "--precision", "bf16",
+               "--cuda-graphs")
+    assert out.count("speed-up") == 4 and out.count("maskformer_graphs") == 2 and "matcher share" in out
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ What a graph needs, and how it is met here:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,10 @@ class _Flat(nn.Module):
         return tuple(leaves)
 
 
+def _on_cuda(images: torch.Tensor) -> bool:  # a seam: the CPU tests drive the dispatch through it
+    return images.is_cuda
+
+
 def _autocast_key() -> tuple[bool, torch.dtype | None]:
     on = torch.is_autocast_enabled("cuda")
     return on, (torch.get_autocast_dtype("cuda") if on else None)
@@ -114,15 +119,22 @@ def enable_cuda_graphs(model: nn.Module, *, max_shapes: int = 2, warmup: int = 3
         return model
     eager_forward = model.forward
     graphs: dict[tuple, _Flat] = {}
+    eager_shapes: set[tuple] = set()
 
     def forward(images: torch.Tensor, deep_supervision: bool | None = None):
-        if not (model.training and torch.is_grad_enabled() and images.is_cuda and deep_supervision is None
+        if not (model.training and torch.is_grad_enabled() and _on_cuda(images) and deep_supervision is None
                 and not images.requires_grad):
             return eager_forward(images, deep_supervision)
         key = (tuple(images.shape), images.dtype, images.device, _autocast_key())
         flat = graphs.get(key)
         if flat is None:
             if len(graphs) >= max_shapes:
+                if key not in eager_shapes:
+                    eager_shapes.add(key)
+                    if len(eager_shapes) == 1:
+                        warnings.warn(f"solver.cuda_graphs: graphs exist for {max_shapes} input shapes already; "
+                                      f"{tuple(images.shape)} and any further new shape run eagerly (graphs pay "
+                                      "off when training batches have a fixed size)", stacklevel=2)
                 return eager_forward(images)
             flat = graphs[key] = _capture(model, eager_forward, images, warmup)
         return unflatten_output(flat.spec, iter(flat(images)))

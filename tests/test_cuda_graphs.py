@@ -9,6 +9,7 @@ gradient accumulation and bf16.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,38 @@ def test_on_the_cpu_the_patched_model_runs_eagerly_and_keeps_its_state_dict(arch
         for a, b in zip(wl, gl, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert captured_shapes(model) == []
+
+
+def test_dispatch_captures_up_to_max_shapes_then_runs_eagerly_and_says_so(monkeypatch):
+    """The bookkeeping of enable_cuda_graphs on the CPU: 'capture' stands in for CUDA's (an ungraphed _Flat)."""
+    from maskformer_cli import cuda_graphs
+
+    captures = []
+
+    def fake_capture(model, eager_forward, images, warmup):
+        flat = cuda_graphs._Flat(model, eager_forward)
+        flat(images)  # records the output structure, as the real capture's warm-up does
+        captures.append(tuple(images.shape))
+        return flat
+
+    monkeypatch.setattr(cuda_graphs, "_on_cuda", lambda images: True)
+    monkeypatch.setattr(cuda_graphs, "_capture", fake_capture)
+    ref, model = _model(), _model()
+    enable_cuda_graphs(model, max_shapes=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in (64, 96, 64, 128, 128, 96):
+            x = torch.randn(2, 3, size, size)
+            want, got = ref(x), model(x)
+            assert type(got) is type(want) and len(got.aux_outputs) == len(want.aux_outputs) == 2
+            torch.testing.assert_close(got.pred_masks, want.pred_masks, rtol=0, atol=0)
+            torch.testing.assert_close(got.aux_outputs[0].pred_logits, want.aux_outputs[0].pred_logits, rtol=0, atol=0)
+        model(torch.randn(2, 3, 64, 64), deep_supervision=False)  # an explicit argument: eager
+        model.eval()
+        model(torch.randn(2, 3, 80, 80))  # evaluation: eager
+    assert captures == [(2, 3, 64, 64), (2, 3, 96, 96)]
+    assert [k[0] for k in captured_shapes(model)] == captures
+    assert sum("run eagerly" in str(w.message) for w in caught) == 1  # said once, at the first eager shape
 
 
 def test_cuda_graphs_without_cuda_or_under_ddp_is_a_clear_error(tmp_path, data_root, monkeypatch):
@@ -186,10 +219,13 @@ def test_graphed_training_follows_eager_training(tmp_path, data_root, case):
 def test_a_new_shape_is_captured_and_old_ones_replayed():
     model = _model().cuda().train()
     enable_cuda_graphs(model, max_shapes=2)
-    for size in (64, 96, 64, 128):
-        out = model(torch.randn(2, 3, size, size, device="cuda"))
-        assert out.pred_masks.shape[-1] == size // 4
-        (out.pred_masks.sum() + out.pred_logits.sum()).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in (64, 96, 64, 128, 128, 96):
+            out = model(torch.randn(2, 3, size, size, device="cuda"))
+            assert out.pred_masks.shape[-1] == size // 4
+            (out.pred_masks.sum() + out.pred_logits.sum()).backward()
+    assert sum("run eagerly" in str(w.message) for w in caught) == 1  # said once, at the first eager shape
     assert [k[0] for k in captured_shapes(model)] == [(2, 3, 64, 64), (2, 3, 96, 96)]  # 128: eager
     with torch.no_grad():
         model(torch.randn(1, 3, 80, 80, device="cuda"))  # inference: eager, nothing captured

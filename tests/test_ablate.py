@@ -475,7 +475,7 @@ def test_query_plot_is_written(tmp_path):
 def test_run_config_check_reads_a_relative_custom_spec_as_train_saved_it(tmp_path, monkeypatch):
     """train() saves data.dataset of a custom spec as an absolute path; a rerun of the same ablation from the
     same folder must not see a different recipe."""
-    from maskformer_cli.commands.ablate import Run, check_run_config
+    from maskformer_cli.ablation_runs import Run, check_run_config
     from maskformer_cli.config import dump_recipe, with_absolute_dataset_spec
 
     monkeypatch.chdir(tmp_path)

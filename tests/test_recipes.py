@@ -181,7 +181,7 @@ MINI_OWN_KEYS = {"name", "solver.checkpoint_every", "solver.eval_every", "solver
 def test_mini_ablations_share_the_quickstart_network_and_scenes(stem):
     """The re-based mini files train the quickstart recipe except for their variant keys and step count;
     "by mask" (and the inference file's training run) is the quickstart model itself."""
-    from maskformer_cli.commands.ablate import _changed_keys as _differences  # what `ablate` compares runs by
+    from maskformer_cli.ablation_runs import changed_keys as _differences  # what `ablate` compares runs by
     from maskformer_cli.config import to_dict
 
     quick = to_dict(load_recipe(RECIPES / "quickstart.yaml"))

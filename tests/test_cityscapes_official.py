@@ -96,7 +96,7 @@ def test_train_ids_map_to_the_label_ids_of_cityscapesscripts():
 
 
 def test_class_iou_equals_our_miou_and_perfect_predictions_score_100(cityscapes, tmp_path, monkeypatch):
-    from maskformer_cli.commands.evaluate import evaluate_saved_predictions
+    from maskformer_cli.saved_predictions import evaluate_saved_predictions
 
     monkeypatch.setenv("MASKFORMER_DATASETS", str(cityscapes))
     gt_files = ground_truth_pairs(cityscapes / "cityscapes/gtFine/val")

@@ -14,9 +14,9 @@ from prepare_utils import jpg_bytes, png_bytes
 from typer.testing import CliRunner
 
 from maskformer_cli.cli import app
-from maskformer_cli.commands.evaluate import evaluate_saved_predictions
 from maskformer_cli.data.catalog import DatasetInfo
 from maskformer_cli.errors import UserError
+from maskformer_cli.saved_predictions import evaluate_saved_predictions
 
 runner = CliRunner()
 

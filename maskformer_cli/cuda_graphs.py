@@ -26,6 +26,7 @@ What a graph needs, and how it is met here:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -99,11 +100,14 @@ def _capture(model: nn.Module, eager_forward: Callable, images: torch.Tensor, wa
     rng = torch.cuda.get_rng_state(images.device)
     on, dtype = _autocast_key()
     # The warm-up passes run on this very batch; their BatchNorm updates and RNG draws are undone below.
+    # thread_local: other threads' CUDA calls (the loader's pin-memory thread, gloo's workers under DDP) must
+    # not invalidate this thread's capture. Only where make_graphed_callables takes the argument (torch 2.14
+    # does; older releases did not): elsewhere its global default, which the GPU tests of 2026-12-04 ran.
+    mode = ({"capture_error_mode": "thread_local"}
+            if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
     with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=on, cache_enabled=False):
-        # thread_local: other threads' CUDA calls (the loader's pin-memory thread, gloo's workers under DDP)
-        # must not invalidate this thread's capture
         torch.cuda.make_graphed_callables(flat, (images.detach().clone(),), num_warmup_iters=warmup,
-                                          allow_unused_input=True, capture_error_mode="thread_local")
+                                          allow_unused_input=True, **mode)
     with torch.no_grad():
         for b, s in zip(buffers, saved, strict=True):
             b.copy_(s)
@@ -119,7 +123,7 @@ def enable_cuda_graphs(model: nn.Module, *, max_shapes: int = 2, warmup: int = 3
         return model
     eager_forward = model.forward
     graphs: dict[tuple, _Flat] = {}
-    eager_shapes: set[tuple] = set()
+    warned: list[bool] = []  # the fallback is said once
 
     def forward(images: torch.Tensor, deep_supervision: bool | None = None):
         if not (model.training and torch.is_grad_enabled() and _on_cuda(images) and deep_supervision is None
@@ -129,12 +133,11 @@ def enable_cuda_graphs(model: nn.Module, *, max_shapes: int = 2, warmup: int = 3
         flat = graphs.get(key)
         if flat is None:
             if len(graphs) >= max_shapes:
-                if key not in eager_shapes:
-                    eager_shapes.add(key)
-                    if len(eager_shapes) == 1:
-                        warnings.warn(f"solver.cuda_graphs: graphs exist for {max_shapes} input shapes already; "
-                                      f"{tuple(images.shape)} and any further new shape run eagerly (graphs pay "
-                                      "off when training batches have a fixed size)", stacklevel=2)
+                if not warned:
+                    warned.append(True)
+                    warnings.warn(f"solver.cuda_graphs: graphs exist for {max_shapes} input shapes already; "
+                                  f"{tuple(images.shape)} and any further new shape run eagerly (graphs pay "
+                                  "off when training batches have a fixed size)", stacklevel=2)
                 return eager_forward(images)
             flat = graphs[key] = _capture(model, eager_forward, images, warmup)
         return unflatten_output(flat.spec, iter(flat(images)))

@@ -291,7 +291,8 @@ def test_graphed_ddp_keeps_ranks_identical_and_follows_eager(tmp_path):
     gradients a replayed backward hands back exactly as it averages eager ones.
 
     Its first run (one H200, 2026-12-04) failed inside the ranks before the cause was logged; the capture now
-    tolerates other threads' CUDA calls (capture_error_mode="thread_local"), which gloo's workers make. Until
+    tolerates other threads' CUDA calls (capture_error_mode="thread_local") where torch's make_graphed_callables
+    takes it (2.14 does; older releases did not), and a failing rank's traceback is now part of this test's message. Until
     this passes, the trainer refuses solver.cuda_graphs with more than one rank."""
     import json
     import os

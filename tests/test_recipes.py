@@ -75,7 +75,7 @@ def test_every_paper_row_and_ablation_ships():
         expected.add(f"recipes/ablations/{a}.yaml")
     expected |= {f"recipes/ablations/mini/{a}.yaml" for a in (
         "per_pixel_vs_mask", "per_pixel_vs_mask_classes", "box_vs_mask_matching", "queries", "decoder_layers",
-        "inference")}
+        "decoder_layers_semantic", "inference")}
     assert expected <= names, sorted(expected - names)
 
 
@@ -177,7 +177,7 @@ MINI_OWN_KEYS = {"name", "solver.checkpoint_every", "solver.eval_every", "solver
 
 
 @pytest.mark.parametrize("stem", ["box_vs_mask_matching", "inference", "per_pixel_vs_mask", "queries",
-                                  "decoder_layers", "per_pixel_vs_mask_classes"])
+                                  "decoder_layers", "decoder_layers_semantic", "per_pixel_vs_mask_classes"])
 def test_mini_ablations_share_the_quickstart_network_and_scenes(stem):
     """The re-based mini files train the quickstart recipe except for their variant keys and step count;
     "by mask" (and the inference file's training run) is the quickstart model itself."""

@@ -19,8 +19,7 @@ What a graph needs, and how it is met here:
 - capture runs the network a few times to warm up: BatchNorm running statistics and the CUDA RNG are put
   back afterwards, so the graphed run computes what the eager one does (tested step for step on a GPU);
 - parameter gradients come back in the graph's static buffers, which its next replay overwrites: under
-  gradient accumulation, engine.train_step copies them after each micro-batch but the last
-  (`is_graphed`).
+  gradient accumulation, engine.train_step calls `own_graph_gradients` after each micro-batch but the last.
 """
 
 from __future__ import annotations
@@ -150,6 +149,16 @@ def enable_cuda_graphs(model: nn.Module, *, max_shapes: int = 2, warmup: int = 3
         # The engine synchronises the two streams itself: correct, and one warning per step is noise.
         torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     return model
+
+
+def own_graph_gradients(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """Before another backward accumulates into them: if `model` is graphed, give `params` gradients of their
+    own. A replayed backward hands gradients back in the graph's static buffers (autograd keeps them as .grad
+    without a copy), which its next replay overwrites; a no-op for a model that is not graphed."""
+    if is_graphed(model):
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 def is_graphed(model: nn.Module) -> bool:

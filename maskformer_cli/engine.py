@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from maskformer_cli import distributed as dist
-from maskformer_cli.cuda_graphs import is_graphed
+from maskformer_cli.cuda_graphs import own_graph_gradients
 from maskformer_cli.data.datasets import read_label, read_panoptic_ids, segments_to_categories
 from maskformer_cli.metrics import SemanticMetrics
 from maskformer_cli.metrics_panoptic import PanopticMetrics, PQStuffMetrics
@@ -74,6 +74,40 @@ def train_step(
     micro_batches, samples = _runnable_micro_batches(micro_batches, device)
     if not micro_batches:
         return StepResult(total=float("nan"), losses={}, grad_norm=0.0, skipped=True, empty=True, samples=samples)
+    total, named, nonfinite = _accumulate_gradients(model, criterion, optimizer, micro_batches, device=device,
+                                                    precision=precision, scaler=scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = _grad_norm(optimizer, clip_grad, clip_fn)
+    # The loss differs per rank, so its verdict is agreed by a collective; gradients are already
+    # all-reduced by DDP, so every rank sees the same grad norm.
+    loss_bad = dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device))
+    grad_bad = not math.isfinite(grad_norm)
+    if scaler is not None and grad_bad and not loss_bad:
+        # fp16 overflow: the scaler skips the update and lowers its scale; a routine event, not a bad step.
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(total=total, losses=named, grad_norm=grad_norm, skipped=True, overflow=True,
+                          samples=samples)
+    if loss_bad or grad_bad:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return StepResult(total=float("nan"), losses=named, grad_norm=grad_norm, skipped=True, samples=samples)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(total=total, losses=named, grad_norm=grad_norm, skipped=False, samples=samples)
+
+
+def _accumulate_gradients(model: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer,
+                          micro_batches: list, *, device: torch.device, precision: str,
+                          scaler: torch.amp.GradScaler | None) -> tuple[float, dict[str, float], bool]:
+    """Forward, loss and backward of each micro-batch, its loss divided by their number: (the mean total
+    loss, every named loss averaged, whether any micro-batch's total was non-finite)."""
     n = len(micro_batches)
     totals: list[float] = []
     named: dict[str, float] = {}
@@ -93,11 +127,8 @@ def train_step(
                 scaler.scale(loss).backward()
             else:
                 loss.backward()
-        if i < n - 1 and is_graphed(unwrap(model)):
-            # A graphed backward hands gradients back in static buffers that its next replay overwrites;
-            # the accumulated sum must own its memory.
-            for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
-                p.grad = p.grad.clone()
+        if i < n - 1:
+            own_graph_gradients(unwrap(model), _params(optimizer))
         # One device-to-host copy for the total and every logged term (on a GPU each float() would be a
         # synchronisation: ~20 of them per step with deep supervision).
         values = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()
@@ -105,32 +136,11 @@ def train_step(
         totals.append(values[0])
         for k, v in zip(losses, values[1:], strict=True):
             named[k] = named.get(k, 0.0) + v / n
+    return sum(totals) / n, named, nonfinite
 
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = _grad_norm(optimizer, clip_grad, clip_fn)
-    # The loss differs per rank, so its verdict is agreed by a collective; gradients are already
-    # all-reduced by DDP, so every rank sees the same grad norm.
-    loss_bad = dist.any_nonfinite(torch.tensor(float("nan") if nonfinite else 0.0, device=device))
-    grad_bad = not math.isfinite(grad_norm)
-    if scaler is not None and grad_bad and not loss_bad:
-        # fp16 overflow: the scaler skips the update and lowers its scale; a routine event, not a bad step.
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=True, overflow=True,
-                          samples=samples)
-    if loss_bad or grad_bad:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-        return StepResult(total=float("nan"), losses=named, grad_norm=grad_norm, skipped=True, samples=samples)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return StepResult(total=sum(totals) / n, losses=named, grad_norm=grad_norm, skipped=False, samples=samples)
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
 
 def _runnable_micro_batches(micro_batches: list, device: torch.device) -> tuple[list, int]:
@@ -147,7 +157,7 @@ def _runnable_micro_batches(micro_batches: list, device: torch.device) -> tuple[
 
 def _grad_norm(optimizer: torch.optim.Optimizer, clip_grad: float, clip_fn: Callable | None) -> float:
     """The total gradient norm of the optimised parameters, after clipping it to `clip_grad` with `clip_fn`."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = _params(optimizer)
     if clip_fn is not None and clip_grad > 0:
         return float(clip_fn(params, clip_grad))
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]

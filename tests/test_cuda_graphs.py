@@ -1,9 +1,10 @@
 """solver.cuda_graphs: the network's training forward and backward replayed as CUDA graphs.
 
-On the CPU: the output flattening the graphs need, the eager fallbacks, the state dict untouched, a clear
-error without CUDA. Marked gpu: graphed training equals eager training step for step (losses, weights,
-BatchNorm statistics), with deep supervision, the per-pixel baseline, a trainable-BN ResNet, dropout,
-gradient accumulation and bf16.
+On the CPU: the output flattening the graphs need, the dispatch and its eager fallbacks, the state dict
+untouched, clear errors without CUDA or under DDP. Marked gpu: a replayed step gives the eager loss,
+gradients (within the GPU's own eager-vs-eager noise) and BatchNorm statistics, with deep supervision, the
+per-pixel baseline, a trainable-BN ResNet and dropout; `train` runs (gradient accumulation, bf16) follow eager
+ones; two DDP ranks stay identical.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from maskformer_cli.cuda_graphs import (
     enable_cuda_graphs,
     flatten_output,
     is_graphed,
+    own_graph_gradients,
     unflatten_output,
 )
 from maskformer_cli.errors import UserError
@@ -112,6 +114,19 @@ def test_dispatch_captures_up_to_max_shapes_then_runs_eagerly_and_says_so(monkey
     assert captures == [(2, 3, 64, 64), (2, 3, 96, 96)]
     assert [k[0] for k in captured_shapes(model)] == captures
     assert sum("run eagerly" in str(w.message) for w in caught) == 1  # said once, at the first eager shape
+
+
+def test_own_graph_gradients_copies_only_for_a_graphed_model():
+    plain, graphed = _model(), enable_cuda_graphs(_model())
+    for model in (plain, graphed):
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [p.grad for p in params]
+        own_graph_gradients(model, params)
+        for p, g in zip(params, before, strict=True):
+            assert (p.grad is g) == (model is plain)
+            assert torch.equal(p.grad, g)
 
 
 def test_cuda_graphs_without_cuda_or_under_ddp_is_a_clear_error(tmp_path, data_root, monkeypatch):
